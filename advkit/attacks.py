@@ -1,0 +1,171 @@
+"""L-inf projected gradient descent (PGD), targeted or untargeted, in [0, 1] pixel space.
+
+``eps`` and ``step`` are given on the 0-255 scale, as in the paper (eps 16, step 1). The attack runs the
+model with BN in running-statistics mode by default (the original pipeline's choice) and leaves the
+model exactly as it found it: train/eval flags, BN buffers, ``requires_grad`` flags and ``.grad`` fields.
+Parameters never require grad during the attack, so no weight gradient is computed and, under DDP, no
+all-reduce is triggered (pass the underlying module, ``ddp.module``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import batch_norms
+from .validate import check_choice, check_range
+
+BN_MODES = ("running", "batch")
+STEP_RULES = ("fixed", "max_eps_over_steps")
+
+
+def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A target class per example, uniform over the ``num_classes - 1`` classes other than its label."""
+    check_range("num_classes", num_classes, 2, integer=True)
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator,
+                           device=_generator_device(generator, labels)).to(labels.device)
+    return (labels + offset) % num_classes
+
+
+def effective_step(eps: float, step: float, steps: int, step_rule: str = "fixed") -> float:
+    """The step actually taken: ``step``, or the original pipeline's ``max(step, eps / steps)``."""
+    check_choice("step_rule", step_rule, STEP_RULES)
+    return max(step, eps / steps) if step_rule == "max_eps_over_steps" and steps > 0 else step
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: str = "running") -> Iterator[nn.Module]:
+    """Run ``model`` for an attack: eval mode ('running') or BNs on batch statistics ('batch'); no parameter grads.
+
+    On exit every module's train flag, every BN buffer (in 'batch' mode, where the forward passes would update
+    them) and every parameter's ``requires_grad`` are restored.
+    """
+    check_choice("bn_mode", bn_mode, BN_MODES)
+    training = {m: m.training for m in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    saved_buffers = []
+    model.eval()
+    if bn_mode == "batch":
+        for bn in batch_norms(model):
+            saved_buffers += [(b, b.clone()) for b in bn.buffers()]
+            bn.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, saved in saved_buffers:
+                buffer.copy_(saved)
+
+
+def _generator_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
+
+
+def random_start(
+    images: torch.Tensor,
+    eps: float,
+    clean_start_prob: float = 0.0,
+    per_example: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A start point uniform in the eps-cube (eps in [0, 1] units) intersected with [0, 1].
+
+    With probability ``clean_start_prob`` the start is the clean image instead: one draw for the whole
+    batch (the original pipeline) or one per example (``per_example=True``).
+    """
+    device = _generator_device(generator, images)
+    noise = (torch.rand(images.shape, generator=generator, device=device).to(images.device) * 2 - 1) * eps
+    if clean_start_prob > 0:
+        shape = (images.shape[0],) + (1,) * (images.dim() - 1) if per_example else (1,) * images.dim()
+        keep_noise = torch.rand(shape, generator=generator, device=device).to(images.device) >= clean_start_prob
+        noise = noise * keep_noise
+    return (images + noise).clamp_(0, 1)
+
+
+def _pgd_iterations(
+    model: nn.Module,
+    images: torch.Tensor,
+    goal: torch.Tensor,
+    start: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    targeted: bool,
+) -> torch.Tensor:
+    """``steps`` signed-gradient steps from ``start``, each projected onto the eps-cube and [0, 1]."""
+    lower = (images - eps).clamp_(min=0)
+    upper = (images + eps).clamp_(max=1)
+    sign = -step if targeted else step  # targeted: descend the target's loss; untargeted: ascend the label's
+    x_adv = start.detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), goal, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.clamp(x_adv.detach() + sign * grad.sign(), lower, upper)
+    return x_adv.detach()
+
+
+def pgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float = 16.0,
+    step: float = 1.0,
+    steps: int = 10,
+    targeted: bool = True,
+    num_classes: int | None = None,
+    targets: torch.Tensor | None = None,
+    clean_start_prob: float = 0.0,
+    start_per_example: bool = False,
+    step_rule: str = "fixed",
+    bn_mode: str = "running",
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Adversarial examples for ``images`` (in [0, 1]) under the L-inf ball of radius ``eps``/255.
+
+    Targeted attacks (the paper's protocol) draw a random target other than the label for every example on
+    every call (and restart) unless ``targets`` is given; they need ``num_classes``. Each restart starts afresh;
+    an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
+    Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0).
+    """
+    check_range("eps", eps, 0, 255)
+    check_range("step", step, 0, 255)
+    check_range("steps", steps, 0, integer=True)
+    check_range("clean_start_prob", clean_start_prob, 0, 1)
+    check_range("restarts", restarts, 1, integer=True)
+    check_choice("step_rule", step_rule, STEP_RULES)
+    check_choice("bn_mode", bn_mode, BN_MODES)
+    if targeted and targets is None and num_classes is None:
+        raise ValueError("num_classes=None is not accepted for a targeted attack without targets; give the class count")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images and labels disagree on the batch size ({images.shape[0]} vs {labels.shape[0]})")
+
+    eps01 = eps / 255.0
+    step01 = effective_step(eps, step, steps, step_rule) / 255.0
+    images = images.detach()
+    best = None
+    with attack_mode(model, bn_mode):
+        for _ in range(restarts):
+            goal = labels if not targeted else (
+                targets if targets is not None else random_targets(labels, num_classes, generator))
+            start = random_start(images, eps01, clean_start_prob, start_per_example, generator)
+            x_adv = _pgd_iterations(model, images, goal, start, eps01, step01, steps, targeted)
+            if best is None:
+                best = x_adv
+            else:
+                with torch.no_grad():
+                    still_correct = model(best).argmax(1) == labels
+                best = torch.where(still_correct.view(-1, *[1] * (images.dim() - 1)), x_adv, best)
+    return best

@@ -1,0 +1,195 @@
+"""Every parameter of an experiment in one dataclass, three presets, and validation before any compute.
+
+Strategies use the paper's names: ``adv_ratio=1, clean_ratio=X`` is "100% adv + X% clean" (X = 0 is Madry's
+min-max), ``adv_ratio=0, clean_ratio=1`` is standard training ("0% adv + 100% clean").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import attacks, data, models
+from .validate import check_choice, check_range
+
+OPTIMIZERS = ("sgd", "rmsprop")
+SCHEDULES = ("step", "exp")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def project_root() -> Path:
+    """The repository this package lives in (run folders and data resolve against it, whatever the cwd)."""
+    return Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Config:
+    # run
+    name: str = "test-run"  # run folder: <runs_root>/<name>
+    runs_root: str = "runs"  # relative paths resolve against the repository root
+    resume: bool = False  # continue from <run>/checkpoints/last.pt
+    overwrite: bool = False  # delete an existing run folder of the same name first
+    seed: int = 0
+    # data
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagenet
+    data_root: str | None = None  # None: $ADVKIT_DATA or <repo>/data (imagenet: <that>/imagenet)
+    n_train: int | None = 2048  # seeded training subset; None = all
+    n_test: int | None = 256  # seeded evaluation subset; None = all
+    num_workers: int = 0
+    # model
+    arch: str = "small_resnet8"  # small_resnet{8..110} or resnet{50..638}
+    width_multiplier: int = 1  # small ResNets only
+    norm: str = "bn"  # bn | mbn (Mixture BN) | gn (GroupNorm)
+    gn_groups: int = 32
+    # strategy
+    adv_ratio: float = 1.0  # 1: every image attacked; 0: standard training
+    clean_ratio: float = 0.0  # X of "100% adv + X% clean"
+    alpha: float = 0.5  # Eq. 1: alpha * J(clean) + (1 - alpha) * J(adv)
+    alp_weight: float = 0.0  # adversarial logit pairing: weight of mean squared clean/adv logit distance (ALP: 0.5)
+    running_stats_epochs: int = 0  # last K epochs normalise with BN running statistics (paper: 10 of 110)
+    finetune_bn: bool = False  # train only BN parameters, starting from init_checkpoint (Section 4.4)
+    init_checkpoint: str | None = None  # weights to start from (a checkpoint file or a run folder)
+    # training attack
+    train_eps: float = 16.0  # 0-255 scale
+    train_step: float = 4.0  # paper: 1 for PGD-30/20, 2 for PGD-10, 4 for PGD-5
+    train_steps: int = 5
+    train_clean_start_prob: float = 0.2  # per batch, as in the original pipeline
+    attack_bn_mode: str = "running"  # BN statistics during attacks: running | batch
+    # optimisation
+    epochs: int = 2
+    batch_size: int = 128  # global batch
+    optimizer: str = "sgd"
+    lr: float = 0.1  # per 256 images: lr = lr * batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # conv and linear weights only
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    schedule: str = "step"  # step | exp
+    lr_decay_epochs: list[int] = field(default_factory=list)  # step schedule: x lr_decay_factor at these epochs
+    lr_decay_factor: float = 0.1
+    exp_decay_rate: float = 0.94  # exp schedule: lr x rate ** epoch
+    checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+    # evaluation (the paper's protocol: targeted, random start)
+    eval_eps: float = 16.0
+    eval_step: float = 1.0
+    eval_steps: int = 10
+    eval_batch_size: int = 256
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool | None = None  # None: on for CUDA, off for CPU
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    compile: bool = False  # torch.compile the model
+
+    @property
+    def run_dir(self) -> Path:
+        root = Path(self.runs_root)
+        return (root if root.is_absolute() else project_root() / root) / self.name
+
+    @property
+    def strategy(self) -> str:
+        """The paper's name of the training strategy."""
+        if self.adv_ratio == 0:
+            text = "0% adv + 100% clean"
+        else:
+            text = f"100% adv + {self.clean_ratio * 100:g}% clean"
+            if self.alp_weight > 0:
+                text += ", ALP"
+        if self.finetune_bn:
+            text += ", BN-only finetuning"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        resolved = self.to_dict() | {"strategy": self.strategy, "run_dir": str(self.run_dir)}
+        path.write_text(json.dumps(resolved, indent=2))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ImageNet, ResNet-152, batch 4096, PGD-30 step 1, 110 epochs, lr / 10 at 35, 70, 95 (Section 3)
+    "paper": dict(dataset="imagenet", arch="resnet152", n_train=None, n_test=None, epochs=110, batch_size=4096,
+                  lr=0.1, warmup_epochs=5, lr_decay_epochs=[35, 70, 95], weight_decay=1e-4, train_steps=30,
+                  train_step=1.0, eval_steps=2000, num_workers=8, checkpoint_every_steps=1000),
+    # the embedded default, sized for make demo on 2 CPU cores
+    "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=8192, n_test=1000, epochs=4,
+                 batch_size=128, lr=0.2, warmup_epochs=0.5, lr_decay_epochs=[3], train_steps=5, train_step=4.0,
+                 eval_steps=20, eval_step=2.0),
+    # seconds on a CPU
+    "test": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=512, n_test=128, epochs=2, batch_size=64,
+                 lr_decay_epochs=[1], train_steps=2, train_step=8.0, eval_steps=3, eval_step=4.0),
+}
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> Config:
+    """A validated Config: the preset's values, then ``overrides``. Unknown names are rejected."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters: {sorted(known)}")
+    values: dict[str, Any] = {}
+    if preset is not None:
+        check_choice("preset", preset, list(PRESETS))
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check every parameter and combination; raise ValueError naming the parameter, the value, what is accepted."""
+    if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise ValueError(f"name={cfg.name!r} is not accepted; give a non-empty folder name without '/'")
+    check_choice("dataset", cfg.dataset, list(data.DATASETS))
+    check_choice("arch", cfg.arch, models.ARCHS)
+    check_choice("norm", cfg.norm, models.NORMS)
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    check_choice("schedule", cfg.schedule, SCHEDULES)
+    check_choice("device", cfg.device, DEVICES)
+    check_choice("attack_bn_mode", cfg.attack_bn_mode, attacks.BN_MODES)
+    check_choice("adv_ratio", cfg.adv_ratio, [0, 1])
+    for name in ("clean_ratio", "alpha", "train_clean_start_prob", "label_smoothing", "lr_decay_factor",
+                 "exp_decay_rate", "momentum"):
+        check_range(name, getattr(cfg, name), 0, 1)
+    for name in ("train_eps", "train_step", "eval_eps", "eval_step"):
+        check_range(name, getattr(cfg, name), 0, 255)
+    for name in ("seed", "train_steps", "eval_steps", "num_workers", "checkpoint_every_steps", "running_stats_epochs"):
+        check_range(name, getattr(cfg, name), 0, integer=True)
+    for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups"):
+        check_range(name, getattr(cfg, name), 1, integer=True)
+    for name in ("n_train", "n_test"):
+        if getattr(cfg, name) is not None:
+            check_range(name, getattr(cfg, name), 1, integer=True)
+    check_range("lr", cfg.lr, 0, low_open=True)
+    check_range("weight_decay", cfg.weight_decay, 0)
+    check_range("alp_weight", cfg.alp_weight, 0)
+    check_range("warmup_epochs", cfg.warmup_epochs, 0, cfg.epochs)
+    if not isinstance(cfg.lr_decay_epochs, (list, tuple)) or any(
+            not isinstance(e, int) or not 0 < e <= cfg.epochs for e in cfg.lr_decay_epochs):
+        raise ValueError(f"lr_decay_epochs={cfg.lr_decay_epochs!r} is not accepted; give a list of epochs in "
+                         f"[1, epochs={cfg.epochs}]")
+    if cfg.running_stats_epochs > cfg.epochs:
+        raise ValueError(f"running_stats_epochs={cfg.running_stats_epochs} is not accepted; it must be <= "
+                         f"epochs={cfg.epochs}")
+    if cfg.adv_ratio == 0 and cfg.clean_ratio != 1:
+        raise ValueError(f"clean_ratio={cfg.clean_ratio} is not accepted with adv_ratio=0; standard training "
+                         "uses every clean image (clean_ratio=1)")
+    if cfg.alp_weight > 0 and (cfg.adv_ratio == 0 or cfg.clean_ratio == 0):
+        raise ValueError(f"alp_weight={cfg.alp_weight} needs clean/adversarial pairs: adv_ratio=1 and "
+                         f"clean_ratio > 0 (got adv_ratio={cfg.adv_ratio}, clean_ratio={cfg.clean_ratio})")
+    if cfg.finetune_bn and cfg.norm == "gn":
+        raise ValueError("finetune_bn=True is not accepted with norm='gn': the model has no BN to finetune")
+    if cfg.finetune_bn and not cfg.init_checkpoint:
+        raise ValueError("finetune_bn=True needs init_checkpoint: the model whose BN layers are finetuned")
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).exists():
+        raise ValueError(f"init_checkpoint={cfg.init_checkpoint!r} does not exist")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
+    if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":
+        raise ValueError(f"arch={cfg.arch!r} is for 28-32 px images, not dataset='imagenet'; use resnet50..resnet638")
+    return cfg

@@ -1,0 +1,226 @@
+"""Data sets: Fashion-MNIST (the embedded default), CIFAR-10 and ImageNet (an ImageFolder tree).
+
+Every loader yields ``(images, labels)`` with images as uint8 tensors (N, C, H, W); :func:`to_device` moves a
+batch to the device and scales it to [0, 1] there. Mean/std normalisation is the model's first layer
+(:class:`advkit.models.Normalize`), so attacks work in pixel space.
+
+Fashion-MNIST is prepared into ``<data root>/FashionMNIST/raw`` from the Debian package
+``dataset-fashion-mnist`` (files under ``/usr/share/datasets/fashion-mnist``), else by torchvision's
+downloader on machines with internet access. The data root is ``$ADVKIT_DATA`` or the repository's ``data/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets, transforms
+
+from .validate import check_choice, check_range
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def default_root() -> Path:
+    """``$ADVKIT_DATA`` if set, else the ``data/`` folder of the repository this package lives in."""
+    return Path(os.environ.get("ADVKIT_DATA", Path(__file__).resolve().parents[1] / "data"))
+
+
+def prepare_fashion_mnist(
+    root: str | Path | None = None,
+    system_dir: str | Path = FASHION_MNIST_SYSTEM_DIR,
+    download: bool = True,
+) -> Path:
+    """Make ``<root>/FashionMNIST/raw`` hold the four uncompressed idx files; return that folder.
+
+    Idempotent. Sources, in order: the Debian package's files in ``system_dir``, then torchvision's downloader
+    (``download=True``). Raises FileNotFoundError naming both ways when neither works.
+    """
+    root = Path(root) if root is not None else default_root()
+    raw = root / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FASHION_MNIST_FILES):
+        return raw
+    system_dir = Path(system_dir)
+    if all((system_dir / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in FASHION_MNIST_FILES:
+            partial = raw / f"{name}.partial"
+            with gzip.open(system_dir / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.replace(raw / name)
+        return raw
+    error = None
+    if download:
+        try:
+            datasets.FashionMNIST(str(root), train=True, download=True)
+            datasets.FashionMNIST(str(root), train=False, download=True)
+            return raw
+        except Exception as exc:  # no network, blocked host, ...
+            error = exc
+    raise FileNotFoundError(
+        f"Fashion-MNIST is not available: no idx files in {raw}, none in system_dir={str(system_dir)!r}"
+        + (f", and torchvision's download failed ({error})" if error else " and download=False")
+        + ". Either install the Debian package (apt-get install dataset-fashion-mnist) or run on a machine with"
+          " internet access so that torchvision can download it (advkit.data.prepare_fashion_mnist(download=True))."
+    )
+
+
+def _check_split(split: str) -> None:
+    check_choice("split", split, SPLITS)
+
+
+def load_tensors(
+    name: str,
+    split: str,
+    root: str | Path | None = None,
+    download: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole small data set in memory: uint8 images (N, C, H, W) and int64 labels."""
+    check_choice("dataset", name, ["fashion-mnist", "cifar10"])
+    _check_split(split)
+    root = Path(root) if root is not None else default_root()
+    train = split == "train"
+    if name == "fashion-mnist":
+        prepare_fashion_mnist(root, download=download)
+        ds = datasets.FashionMNIST(str(root), train=train, download=False)
+        return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+    try:
+        ds = datasets.CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"CIFAR-10 is not in {root / 'cifar-10-batches-py'} ({exc}). Put the extracted python version of "
+            "CIFAR-10 there, or pass download=True on a machine with internet access."
+        ) from None
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
+
+
+def subset_indices(total: int, n: int | None, seed: int) -> torch.Tensor:
+    """The first ``n`` of a seeded permutation of ``range(total)`` (all of them, in order, when n is None)."""
+    if n is None:
+        return torch.arange(total)
+    check_range("n", n, 1, total, integer=True)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image random crop after zero padding plus random horizontal flip, on a uint8 batch."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+class TensorImages(Dataset):
+    """uint8 images and labels in memory, indexed by a whole list of indices at once (one gather per batch)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0, seed: int = 0) -> None:
+        self.images, self.labels, self.crop_padding = images, labels, crop_padding
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[index]
+        if self.crop_padding:
+            images = random_crop_flip(images, self.crop_padding, self.generator)
+        return images, self.labels[index]
+
+
+def imagenet_dataset(root: str | Path, split: str) -> datasets.ImageFolder:
+    """ImageNet as an ImageFolder (``<root>/train``, ``<root>/val``); standard augmentation; uint8 output."""
+    _check_split(split)
+    folder = Path(root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"ImageNet folder {folder} does not exist: data_root must hold train/ and val/ with one sub-folder per class")
+    if split == "train":
+        tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                 transforms.PILToTensor()])
+    else:
+        tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+    return datasets.ImageFolder(str(folder), transform=tf)
+
+
+def make_loader(
+    name: str,
+    split: str,
+    batch_size: int,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    root: str | Path | None = None,
+    shuffle: bool | None = None,
+    augment: bool | None = None,
+    drop_last: bool | None = None,
+    num_workers: int = 0,
+    world_size: int = 1,
+    rank: int = 0,
+    download: bool = False,
+) -> DataLoader:
+    """A DataLoader of uint8 batches for ``name`` in DATASETS.
+
+    Training loaders shuffle (seeded; call ``loader.sampler.set_epoch(e)`` for a new order each epoch, as with
+    DistributedSampler) and drop the last partial batch; test loaders keep order and every image. ``n`` takes
+    a seeded subset. ``world_size``/``rank`` shard the data for distributed training.
+    """
+    check_choice("dataset", name, list(DATASETS))
+    _check_split(split)
+    check_range("batch_size", batch_size, 1, integer=True)
+    train = split == "train"
+    shuffle = train if shuffle is None else shuffle
+    augment = train if augment is None else augment
+    drop_last = train if drop_last is None else drop_last
+    if name == "imagenet":
+        ds = imagenet_dataset(root if root is not None else default_root() / "imagenet", split)
+        if n is not None:
+            ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
+        sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    images, labels = load_tensors(name, split, root, download=download)
+    keep = subset_indices(len(labels), n, seed)
+    ds = TensorImages(images[keep], labels[keep], crop_padding=4 if (augment and name == "cifar10") else 0, seed=seed)
+    sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device | str,
+              channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a uint8 batch to ``device`` and scale it to float [0, 1] there."""
+    images, labels = batch
+    images = images.to(device, non_blocking=True).float().div_(255)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)

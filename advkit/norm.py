@@ -1,0 +1,189 @@
+"""Normalization layers of the paper: Mixture BN, BN -> GroupNorm, running-statistics mode, BN-only finetuning.
+
+Mixture BN (Section 4.2) keeps one BatchNorm for clean and one for adversarial batches in every norm
+position. The branch is a property of the whole model, selected with :func:`set_branch` or the
+:func:`use_branch` context manager, and it applies in training *and* evaluation mode, so that either
+MBN_clean or MBN_adv can be trained, evaluated and attacked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .validate import check_choice, check_range
+
+BRANCHES = ("clean", "adv")
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class MixtureBatchNorm2d(nn.Module):
+    """Two BatchNorm2d layers, ``clean`` and ``adv``; ``branch`` says which one normalises the input.
+
+    state_dict keys are ``<prefix>.clean.{weight,bias,running_mean,running_var,num_batches_tracked}`` and the
+    same under ``<prefix>.adv``. A plain BatchNorm2d state dict (``<prefix>.weight`` ...) loads by copying
+    into both branches, so a BN checkpoint can start an MBN model.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, **kwargs) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.clean = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, **kwargs)
+        self.adv = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, **kwargs)
+        self.branch = "adv"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adv(x) if self.branch == "adv" else self.clean(x)
+
+    def branches(self) -> dict[str, nn.BatchNorm2d]:
+        return {"clean": self.clean, "adv": self.adv}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        plain = [k for k in list(state_dict) if k.startswith(prefix) and "." not in k[len(prefix):]]
+        if plain and not any(k.startswith(prefix + "clean.") for k in state_dict):
+            for key in plain:
+                value = state_dict.pop(key)
+                name = key[len(prefix):]
+                state_dict[f"{prefix}clean.{name}"] = value
+                state_dict[f"{prefix}adv.{name}"] = value.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, branch={self.branch!r}"
+
+
+def set_branch(model: nn.Module, branch: str) -> None:
+    """Route every MixtureBatchNorm2d of ``model`` through ``branch`` ('clean' or 'adv')."""
+    check_choice("branch", branch, BRANCHES)
+    for module in model.modules():
+        if isinstance(module, MixtureBatchNorm2d):
+            module.branch = branch
+
+
+def get_branch(model: nn.Module) -> str | None:
+    """The branch selected in ``model``'s Mixture BN layers, or None when it has none."""
+    for module in model.modules():
+        if isinstance(module, MixtureBatchNorm2d):
+            return module.branch
+    return None
+
+
+@contextlib.contextmanager
+def use_branch(model: nn.Module, branch: str) -> Iterator[nn.Module]:
+    """Temporarily route ``model`` through one Mixture BN branch; restores the previous branch on exit."""
+    check_choice("branch", branch, BRANCHES)
+    previous = {m: m.branch for m in model.modules() if isinstance(m, MixtureBatchNorm2d)}
+    set_branch(model, branch)
+    try:
+        yield model
+    finally:
+        for module, old in previous.items():
+            module.branch = old
+
+
+def has_mixture_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, MixtureBatchNorm2d) for m in model.modules())
+
+
+def batch_norms(model: nn.Module, branch: str | None = None) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``; with ``branch``, only that branch of each Mixture BN (plain BNs kept)."""
+    if branch is not None:
+        check_choice("branch", branch, BRANCHES)
+    excluded: set[int] = set()
+    if branch is not None:
+        for module in model.modules():
+            if isinstance(module, MixtureBatchNorm2d):
+                other = module.adv if branch == "clean" else module.clean
+                excluded.add(id(other))
+    return [m for m in model.modules() if isinstance(m, _BN_TYPES) and id(m) not in excluded]
+
+
+def _replace_modules(model: nn.Module, convert) -> nn.Module:
+    """Return ``convert(model)`` if it converts, else convert the children in place and return ``model``."""
+    new = convert(model)
+    if new is not model:
+        return new
+    for name, child in model.named_children():
+        setattr(model, name, _replace_modules(child, convert))
+    return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensors = [*module.parameters(), *module.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def convert_bn_to_mbn(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a MixtureBatchNorm2d whose two branches start as copies of it."""
+
+    def convert(module: nn.Module) -> nn.Module:
+        if type(module) is not nn.BatchNorm2d:
+            return module
+        mbn = MixtureBatchNorm2d(
+            module.num_features, eps=module.eps, momentum=module.momentum,
+            affine=module.affine, track_running_stats=module.track_running_stats,
+        )
+        mbn.load_state_dict(module.state_dict())
+        return mbn.to(_device_of(module)).train(module.training)
+
+    return _replace_modules(model, convert)
+
+
+def group_count(num_channels: int, groups: int = 32) -> int:
+    """The largest number of groups <= ``groups`` that divides ``num_channels`` (GN needs an exact split)."""
+    check_range("groups", groups, 1, integer=True)
+    for g in range(min(groups, num_channels), 0, -1):
+        if num_channels % g == 0:
+            return g
+    return 1
+
+
+def group_norm(num_channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with 32 groups by default, fewer where the channel count demands."""
+    return nn.GroupNorm(group_count(num_channels, groups), num_channels)
+
+
+def convert_bn_to_gn(model: nn.Module, groups: int = 32) -> nn.Module:
+    """Replace every BatchNorm2d by GroupNorm (affine parameters copied, statistics dropped)."""
+    check_range("groups", groups, 1, integer=True)
+
+    def convert(module: nn.Module) -> nn.Module:
+        if type(module) is not nn.BatchNorm2d:
+            return module
+        gn = group_norm(module.num_features, groups)
+        if module.affine:
+            with torch.no_grad():
+                gn.weight.copy_(module.weight)
+                gn.bias.copy_(module.bias)
+        return gn.to(_device_of(module)).train(module.training)
+
+    return _replace_modules(model, convert)
+
+
+def use_running_stats(model: nn.Module, enabled: bool = True) -> None:
+    """Running-statistics mode (Section 4.3): BNs normalise with their running statistics and stop updating them.
+
+    Affine parameters and every other layer keep training. Call it after ``model.train()``, which resets it
+    (``model.train()`` puts BNs back into batch-statistics mode).
+    """
+    for bn in batch_norms(model):
+        bn.train(not enabled and model.training)
+
+
+def bn_parameters(model: nn.Module, branch: str | None = None) -> list[nn.Parameter]:
+    """Affine parameters of every BN (of one Mixture BN ``branch`` if given)."""
+    return [p for bn in batch_norms(model, branch) for p in bn.parameters(recurse=False)]
+
+
+def freeze_all_but_bn(model: nn.Module, branch: str | None = None) -> list[nn.Parameter]:
+    """BN-only finetuning (Section 4.4): only BN affine parameters (of ``branch``) keep ``requires_grad``.
+
+    Returns the trainable parameters, to hand to the optimizer.
+    """
+    trainable = {id(p) for p in bn_parameters(model, branch)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,52 @@
+"""Shared fixtures: small real data and a briefly trained undefended model (trained once per test session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advkit import data, models
+
+torch.set_num_threads(2)
+
+
+def fmnist_model(arch: str = "small_resnet8", norm: str = "bn", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    info = data.DATASETS["fashion-mnist"]
+    return models.build_model(arch, info.num_classes, norm, in_channels=info.channels, mean=info.mean, std=info.std)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """256 Fashion-MNIST test images in [0, 1] and their labels."""
+    images, labels = data.load_tensors("fashion-mnist", "test")
+    keep = data.subset_indices(len(labels), 256, seed=1)
+    return images[keep].float() / 255, labels[keep]
+
+
+@pytest.fixture(scope="session")
+def clean_trained_model() -> torch.nn.Module:
+    """small_resnet8 trained on clean images only (16384 images, 2 epochs of Adam): no defence, ~75% accuracy."""
+    model = fmnist_model()
+    loader = data.make_loader("fashion-mnist", "train", 128, n=16384, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for epoch in range(2):
+        loader.sampler.sampler.set_epoch(epoch)
+        for batch in loader:
+            x, y = data.to_device(batch, "cpu")
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == labels).float().mean().item()
+    model.train(was_training)
+    return acc
