@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ DEVICES = ("auto", "cpu", "cuda")
 def project_root() -> Path:
     """The repository this package lives in (run folders and data resolve against it, whatever the cwd)."""
     return Path(__file__).resolve().parents[1]
+
+
+def runs_base() -> Path:
+    """Where relative ``runs_root`` values resolve: ``$ADVKIT_RUNS_BASE`` if set, else the repository root."""
+    return Path(os.environ.get("ADVKIT_RUNS_BASE", project_root()))
 
 
 @dataclass
@@ -87,7 +93,7 @@ class Config:
     @property
     def run_dir(self) -> Path:
         root = Path(self.runs_root)
-        return (root if root.is_absolute() else project_root() / root) / self.name
+        return (root if root.is_absolute() else runs_base() / root) / self.name
 
     @property
     def strategy(self) -> str:
@@ -125,8 +131,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(preset: str | None = None, **overrides: Any) -> Config:
-    """A validated Config: the preset's values, then ``overrides``. Unknown names are rejected."""
+def make_config(preset: str | None = None, *, check_paths: bool = True, **overrides: Any) -> Config:
+    """A validated Config: the preset's values, then ``overrides``. Unknown names are rejected.
+
+    ``check_paths=False`` skips the existence check of ``init_checkpoint`` (a sweep's finetuning point whose
+    starting run comes earlier in the same sweep)."""
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -137,11 +146,25 @@ def make_config(preset: str | None = None, **overrides: Any) -> Config:
         values.update(PRESETS[preset])
     values.update(overrides)
     cfg = Config(**values)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
-def validate(cfg: Config) -> Config:
+def config_from_parameters(parameters: dict[str, Any]) -> Config:
+    """The Config of a notebook run: its ``preset``, then every parameter that differs from the notebook's
+    defaults (the ``test`` preset's values), so ``-p preset demo -p clean_ratio 0.5`` means what it says.
+    Unknown names (typos passed through papermill) are rejected with the list of valid ones."""
+    parameters = dict(parameters)
+    preset = parameters.pop("preset", "test")
+    defaults = make_config("test").to_dict()
+    unknown = sorted(set(parameters) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters: {['preset', *sorted(defaults)]}")
+    overrides = {k: v for k, v in parameters.items() if v != defaults[k]}
+    return make_config(preset, **overrides)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Check every parameter and combination; raise ValueError naming the parameter, the value, what is accepted."""
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ValueError(f"name={cfg.name!r} is not accepted; give a non-empty folder name without '/'")
@@ -186,7 +209,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError("finetune_bn=True is not accepted with norm='gn': the model has no BN to finetune")
     if cfg.finetune_bn and not cfg.init_checkpoint:
         raise ValueError("finetune_bn=True needs init_checkpoint: the model whose BN layers are finetuned")
-    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).exists():
+    if check_paths and cfg.init_checkpoint and not Path(cfg.init_checkpoint).exists():
         raise ValueError(f"init_checkpoint={cfg.init_checkpoint!r} does not exist")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")

@@ -1,0 +1,39 @@
+# advkit: set-up, tests and the demo. Every target is idempotent: a second run skips what is done.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+FMNIST := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup test demo clean-runs
+
+setup: $(INSTALLED) $(FMNIST)
+
+# pinned torch/torchvision (the releases that install offline here), the package, notebooks and test tools
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
+	touch $@
+
+# Fashion-MNIST from the Debian package (installed with apt-get where we can), else torchvision's downloader
+$(FMNIST): | $(INSTALLED)
+	@if [ ! -d $(FMNIST_SYSTEM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "apt-get could not install dataset-fashion-mnist; trying torchvision's downloader"; \
+	fi
+	$(VENV)/bin/advkit data
+
+test: setup
+	$(VENV)/bin/pytest
+
+demo: setup
+	$(VENV)/bin/advkit sweep notebooks/sweeps/demo.yaml
+	$(VENV)/bin/advkit summary runs/demo
+
+clean-runs:
+	rm -rf runs/demo

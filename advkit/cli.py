@@ -1,0 +1,44 @@
+"""Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit sweep FILE``, ``advkit summary ROOT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="advkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_data = sub.add_parser("data", help="prepare Fashion-MNIST into the data root (idempotent)")
+    p_data.add_argument("--root", default=None, help="data root (default: $ADVKIT_DATA or <repo>/data)")
+    p_data.add_argument("--no-download", action="store_true", help="never try torchvision's downloader")
+    p_sweep = sub.add_parser("sweep", help="run every point of a sweep file through papermill")
+    p_sweep.add_argument("file")
+    p_sweep.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    p_sweep.add_argument("--check", action="store_true", help="validate the file and list its points; run nothing")
+    p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table")
+    p_sum.add_argument("root")
+    args = parser.parse_args(argv)
+
+    if args.command == "data":
+        from .data import prepare_fashion_mnist
+
+        print(prepare_fashion_mnist(args.root, download=not args.no_download))
+        return 0
+    if args.command == "sweep":
+        from .sweep import load_sweep, run_sweep
+
+        if args.check:
+            for point in load_sweep(args.file):
+                print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
+            return 0
+        outcome = run_sweep(args.file, kernel=args.kernel)
+        return 1 if outcome["failed"] else 0
+    from .results import summary_table
+
+    print(summary_table(args.root).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+import json
+
+import papermill
+import pytest
+
+from advkit import config, results, sweep
+
+FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_steps": 1}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_grid_and_points_expand_with_names(tmp_path):
+    f = _write(tmp_path / "s.yaml", f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: [0, 1], clean_ratio: [0.0, 1.0]}}
+points:
+  - {{name: bn}}
+  - {{name: mbn, norm: mbn}}
+""")
+    points = sweep.load_sweep(f)
+    names = [p.config.name for p in points]
+    assert len(points) == 8 and len(set(names)) == 8
+    assert "mbn-seed1-clean_ratio1.0" in names
+    point = points[names.index("mbn-seed1-clean_ratio1.0")]
+    assert point.config.norm == "mbn" and point.config.seed == 1 and point.config.clean_ratio == 1.0
+    assert point.output == tmp_path / "runs" / "mbn-seed1-clean_ratio1.0" / "experiment.ipynb"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: {preset: test\n  grid: [", r"not valid YAML at line \d+"),
+    ("bases: {}", r"unknown key\(s\) \['bases'\]"),
+    ("base: {preset: test}\npoints:\n  - {name: a, clean_ratio: 2}", r"point 'a': clean_ratio=2"),
+    ("base: {preset: test}\ngrid: {seed: []}", r"grid must map"),
+    ("base: {preset: test}\npoints:\n  - {name: a}\n  - {name: a}", r"share the run name"),
+    ("base: {preset: tiny}", r"preset='tiny'"),
+])
+def test_malformed_sweeps_are_reported_before_anything_runs(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.load_sweep(_write(tmp_path / "bad.yaml", text))
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+def test_sweep_runs_skips_finished_points_and_lists_failures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({
+        "runs_root": str(runs), "base": FAST,
+        "points": [{"name": "ok"},
+                   {"name": "broken", "dataset": "cifar10", "data_root": str(tmp_path / "no-cifar")}]}))
+    outcome = sweep.run_sweep(f, progress=False)
+    assert outcome["done"] == ["ok"] and [b[0] for b in outcome["failed"]] == ["broken"]
+    assert "CIFAR-10" in outcome["failed"][0][2]
+    out = capsys.readouterr().out
+    assert f"FAILED broken: see {runs / 'broken' / 'experiment.ipynb'}" in out
+    assert (runs / "ok" / "experiment.ipynb").exists() and (runs / "ok" / "results.csv").exists()
+    assert results.run_status(runs / "broken") == "failed"
+    assert list(results.load_runs(runs)["name"].unique()) == ["ok"]  # failed runs are not mixed in
+    assert list(results.unfinished_runs(runs)["state"]) == ["failed"]
+    again = sweep.run_sweep(f, progress=False)
+    assert again["skipped"] == ["ok"]
+
+
+def test_experiment_notebook_rejects_unknown_parameters(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) \['clean_ratoi'\]"):
+        papermill.execute_notebook(str(config.project_root() / "notebooks" / "experiment.ipynb"),
+                                   str(tmp_path / "out.ipynb"), parameters={"clean_ratoi": 0.5}, progress_bar=False)
+
+
+def test_experiment_notebook_parameters_are_the_config_with_test_defaults():
+    import nbformat
+
+    nb = nbformat.read(config.project_root() / "notebooks" / "experiment.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    namespace = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    assert namespace.pop("preset") == "test"
+    assert namespace == config.make_config("test").to_dict()
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed stripped
+
+
+@pytest.mark.parametrize("path", sorted((config.project_root() / "notebooks" / "sweeps").glob("**/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_sweep_file_is_valid(path):
+    points = sweep.load_sweep(path)
+    assert points
+    for p in points:
+        if p.config.finetune_bn:
+            assert any(q.config.run_dir == config.Path(p.config.init_checkpoint) for q in points)
+
+
+def test_finetuning_points_start_from_an_earlier_point_with_the_same_grid_values(tmp_path):
+    f = _write(tmp_path / "ft.yaml", f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: [0, 1]}}
+points:
+  - {{name: adv, clean_ratio: 0}}
+  - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
+""")
+    points = {p.config.name: p.config for p in sweep.load_sweep(f)}
+    assert points["ft-seed1"].init_checkpoint == str(tmp_path / "runs" / "adv-seed1")
+    bad = _write(tmp_path / "bad.yaml", "base: {preset: test}\npoints:\n"
+                 "  - {name: ft, finetune_bn: true, init_checkpoint: 'run:nothing', adv_ratio: 0, clean_ratio: 1}\n")
+    with pytest.raises(ValueError, match=r"init_checkpoint='run:nothing' names no earlier point"):
+        sweep.load_sweep(bad)

@@ -1,0 +1,191 @@
+import json
+
+import pytest
+import torch
+
+from advkit import config, norm, train
+from advkit.config import make_config
+from conftest import fmnist_model
+
+
+def _batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _record_training_inputs(model):
+    """Inputs of forward passes made with trainable parameters (i.e. not the attack's passes)."""
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()) if m.net.conv1.weight.requires_grad else None)
+    return seen
+
+
+@pytest.mark.parametrize("clean_ratio, expected_clean", [(0.0, 0), (0.5, 8), (1.0, 16)])
+def test_clean_ratio_decides_which_clean_images_are_forwarded(clean_ratio, expected_clean):
+    cfg = make_config("test", clean_ratio=clean_ratio, train_steps=2)
+    model = fmnist_model().train()
+    seen = _record_training_inputs(model)
+    x, y = _batch()
+    loss, stats = train.training_loss(model, x, y, cfg, torch.Generator().manual_seed(0))
+    forwarded = torch.cat(seen)
+    is_clean = (forwarded.flatten(1)[:, None, :] == x.flatten(1)[None]).all(-1).any(1)
+    assert int(is_clean.sum()) == expected_clean == stats["n_clean"]
+    assert int((~is_clean).sum()) == 16 == stats["n_adv"]
+
+
+def test_mixture_bn_statistics_move_only_with_their_own_images():
+    x, y = _batch()
+
+    def moved(**overrides):
+        model = fmnist_model(norm="mbn").train()
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+        train.training_loss(model, x, y, make_config("test", norm="mbn", **overrides), torch.Generator().manual_seed(0))
+        after = model.state_dict()
+        return {b for b in norm.BRANCHES if any(not torch.equal(after[k], v) for k, v in before.items()
+                                                if f".{b}." in k)}
+
+    assert moved(adv_ratio=0, clean_ratio=1) == {"clean"}
+    assert moved(clean_ratio=0) == {"adv"}
+    assert moved(clean_ratio=1) == {"clean", "adv"}
+
+
+def test_alp_changes_the_loss_by_exactly_its_penalty():
+    model = fmnist_model().eval()  # fixed BN statistics, so both calls see the same function
+    x, y = _batch()
+    kw = dict(clean_ratio=1.0, train_steps=2)
+    plain, _ = train.training_loss(model, x, y, make_config("test", **kw), torch.Generator().manual_seed(3))
+    with_alp, stats = train.training_loss(model, x, y, make_config("test", alp_weight=0.5, **kw),
+                                          torch.Generator().manual_seed(3))
+    assert stats["alp_penalty"] > 0
+    assert with_alp.item() == pytest.approx(plain.item() + stats["alp_penalty"], rel=1e-6)
+
+
+def test_loss_is_equation_1():
+    model = fmnist_model().eval()
+    x, y = _batch()
+    cfgs = {a: make_config("test", clean_ratio=1.0, alpha=a) for a in (0.0, 0.5, 1.0)}
+    losses = {a: train.training_loss(model, x, y, c, torch.Generator().manual_seed(1))[0].item() for a, c in cfgs.items()}
+    assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
+
+
+def test_lr_schedule_matches_the_paper_at_the_decay_epochs():
+    cfg = make_config("paper")
+    base = 0.1 * 4096 / 256
+    assert train.learning_rate(cfg, 2.5) == pytest.approx(base / 2)  # linear warm-up over 5 epochs
+    assert train.learning_rate(cfg, 34.99) == pytest.approx(base)
+    assert train.learning_rate(cfg, 35) == pytest.approx(base * 0.1)
+    assert train.learning_rate(cfg, 70) == pytest.approx(base * 0.01)
+    assert train.learning_rate(cfg, 95) == pytest.approx(base * 0.001)
+    assert train.learning_rate(cfg, 109.9) == pytest.approx(base * 0.001)
+    exp = make_config("test", schedule="exp", exp_decay_rate=0.5, lr_decay_epochs=[])
+    assert train.learning_rate(exp, 1.5) == pytest.approx(0.1 * 64 / 256 * 0.5)
+
+
+def test_weight_decay_only_on_conv_and_linear_weights():
+    model = fmnist_model(norm="mbn")
+    opt = train.make_optimizer(make_config("test"), model)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = [n for n, p in model.named_parameters() if id(p) in decayed]
+    assert names and all(n.endswith("weight") and ("conv" in n or "fc" in n or "downsample.0" in n) for n in names)
+    assert opt.param_groups[1]["weight_decay"] == 0
+
+
+def test_run_writes_the_run_folder_and_refuses_to_overwrite(tmp_path):
+    cfg = make_config("test", name="r1", runs_root=str(tmp_path), norm="mbn", clean_ratio=1.0, epochs=2)
+    table = train.run(cfg, show_progress=False)
+    run_dir = tmp_path / "r1"
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoints", "results.csv",
+                                                   "status.json"}
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["strategy"] == "100% adv + 100% clean" and saved["norm"] == "mbn"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["images_per_s"] > 0 for m in metrics)
+    assert set(table["branch"]) == {"clean", "adv"} and set(table["steps"]) == {0, cfg.eval_steps}
+    assert table["accuracy"].between(0, 1).all()
+    ckpt = train.load_checkpoint(run_dir)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (512 // 64)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    with pytest.raises(FileExistsError, match="resume=True .* overwrite=True"):
+        train.run(cfg, show_progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
+def test_running_statistics_epochs_freeze_buffers_but_train_affine(tmp_path):
+    cfg = make_config("test", name="rs", runs_root=str(tmp_path), running_stats_epochs=2, epochs=2)
+    model = train.train(cfg, show_progress=False)
+    init = train.build_model(cfg)
+    for (name, buf), (_, buf0) in zip(model.named_buffers(), init.named_buffers()):
+        if "running" in name:
+            assert torch.equal(buf, buf0), name
+    assert not torch.equal(model.net.bn1.weight, init.net.bn1.weight)
+    flags = [json.loads(l)["running_stats"] for l in (tmp_path / "rs" / "metrics.jsonl").read_text().splitlines()]
+    assert flags == [True, True]
+    cfg1 = make_config("test", name="rs1", runs_root=str(tmp_path), running_stats_epochs=1, epochs=2)
+    train.train(cfg1, show_progress=False)
+    flags = [json.loads(l)["running_stats"] for l in (tmp_path / "rs1" / "metrics.jsonl").read_text().splitlines()]
+    assert flags == [False, True]
+
+
+def test_bn_only_finetuning_changes_nothing_but_bn(tmp_path):
+    base = make_config("test", name="base", runs_root=str(tmp_path), epochs=1, train_steps=1)
+    train.train(base, show_progress=False)
+    start = train.load_checkpoint(tmp_path / "base")["model"]
+    ft = make_config("test", name="ft", runs_root=str(tmp_path), epochs=1, adv_ratio=0, clean_ratio=1,
+                     finetune_bn=True, init_checkpoint=str(tmp_path / "base"))
+    model = train.train(ft, show_progress=False)
+    bn_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, start[k])]
+    assert changed
+    assert all(k.rsplit(".", 1)[0] in bn_names for k in changed), changed
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    cfg = make_config("test", name="res", runs_root=str(tmp_path), epochs=1)
+    train.train(cfg, show_progress=False)
+    more = make_config("test", name="res", runs_root=str(tmp_path), epochs=2, resume=True, lr_decay_epochs=[1])
+    train.train(more, show_progress=False)
+    lines = (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert train.load_checkpoint(tmp_path / "res")["step"] == 2 * (512 // 64)
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
+    cfg = make_config("test", name="amp", runs_root=str(tmp_path), epochs=1, bf16=True, channels_last=True,
+                      norm="mbn", clean_ratio=0.5)
+    table = train.run(cfg, show_progress=False)
+    assert len(table) == 4 and table["accuracy"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(clean_ratio=1.5), r"clean_ratio=1.5 .*\[0, 1\]"),
+    (dict(adv_ratio=0.5), r"adv_ratio=0.5 .*\[0, 1\]"),
+    (dict(norm="ln"), r"norm='ln'"),
+    (dict(arch="resnet19"), r"arch='resnet19'"),
+    (dict(dataset="mnist"), r"dataset='mnist'"),
+    (dict(optimizer="adam"), r"optimizer='adam'"),
+    (dict(schedule="cosine"), r"schedule='cosine'"),
+    (dict(running_stats_epochs=5, epochs=2), r"running_stats_epochs=5 .*epochs=2"),
+    (dict(alp_weight=0.5, clean_ratio=0.0), r"alp_weight=0.5 .*clean_ratio"),
+    (dict(finetune_bn=True), r"init_checkpoint"),
+    (dict(init_checkpoint="/nonexistent.pt"), r"init_checkpoint='/nonexistent.pt'"),
+    (dict(lr=0), r"lr=0"),
+    (dict(train_eps=300), r"train_eps=300"),
+    (dict(eval_steps=-1), r"eval_steps=-1"),
+    (dict(lr_decay_epochs=[5]), r"lr_decay_epochs=\[5\]"),
+    (dict(adv_ratio=0, clean_ratio=0.5), r"clean_ratio=0.5 .*adv_ratio=0"),
+    (dict(clean_ratoi=0.5), r"unknown parameter\(s\) \['clean_ratoi'\]"),
+])
+def test_bad_configs_are_rejected_before_anything_is_written(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("test", name="bad", runs_root=str(tmp_path), **overrides)
+    assert not any(tmp_path.iterdir())
+
+
+def test_notebook_parameters_mean_preset_plus_changes():
+    cfg = config.config_from_parameters({"preset": "demo", "clean_ratio": 0.5, "n_train": 512})
+    assert cfg.clean_ratio == 0.5 and cfg.epochs == config.PRESETS["demo"]["epochs"]
+    assert cfg.n_train == config.PRESETS["demo"]["n_train"]  # left at the notebook default: the preset's value
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]; valid parameters: \['preset'"):
+        config.config_from_parameters({"epoch": 3})
