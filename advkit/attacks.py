@@ -10,7 +10,7 @@ all-reduce is triggered (pass the underlying module, ``ddp.module``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ def random_start(
     return (images + noise).clamp_(0, 1)
 
 
-def _pgd_iterations(
+def pgd_iterations(
     model: nn.Module,
     images: torch.Tensor,
     goal: torch.Tensor,
@@ -101,18 +101,58 @@ def _pgd_iterations(
     step: float,
     steps: int,
     targeted: bool,
+    on_logits: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """``steps`` signed-gradient steps from ``start``, each projected onto the eps-cube and [0, 1]."""
+    """``steps`` signed-gradient steps from ``start`` (eps and step in [0, 1] units), each projected onto the
+    eps-cube and [0, 1]. ``on_logits(i, logits)`` sees the logits of iterate i (0 = the start) for free, from
+    the forward pass that computes its gradient; the final iterate's logits need one more forward pass.
+    The model must already be in attack mode (see :func:`attack_mode`)."""
     lower = (images - eps).clamp_(min=0)
     upper = (images + eps).clamp_(max=1)
     sign = -step if targeted else step  # targeted: descend the target's loss; untargeted: ascend the label's
     x_adv = start.detach()
-    for _ in range(steps):
+    for i in range(steps):
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), goal, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        logits = model(x_adv)
+        if on_logits is not None:
+            on_logits(i, logits.detach())
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, goal, reduction="sum"), x_adv)
         x_adv = torch.clamp(x_adv.detach() + sign * grad.sign(), lower, upper)
     return x_adv.detach()
+
+
+def attack_once(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    targeted: bool,
+    num_classes: int | None,
+    targets: torch.Tensor | None,
+    clean_start_prob: float,
+    start_per_example: bool,
+    generator: torch.Generator | None,
+    on_logits: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One PGD run (eps/step on the 0-255 scale, step already resolved): draw the targets, then the start,
+    then iterate. :func:`pgd` and the one-pass robustness curve share it, so they draw the same numbers."""
+    goal = labels if not targeted else (targets if targets is not None else random_targets(labels, num_classes, generator))
+    start = random_start(images, eps / 255.0, clean_start_prob, start_per_example, generator)
+    return pgd_iterations(model, images, goal, start, eps / 255.0, step / 255.0, steps, targeted, on_logits)
+
+
+def check_pgd_arguments(eps: float, step: float, steps: int, clean_start_prob: float = 0.0, restarts: int = 1,
+                        step_rule: str = "fixed", bn_mode: str = "running") -> None:
+    check_range("eps", eps, 0, 255)
+    check_range("step", step, 0, 255)
+    check_range("steps", steps, 0, integer=True)
+    check_range("clean_start_prob", clean_start_prob, 0, 1)
+    check_range("restarts", restarts, 1, integer=True)
+    check_choice("step_rule", step_rule, STEP_RULES)
+    check_choice("bn_mode", bn_mode, BN_MODES)
 
 
 def pgd(
@@ -140,28 +180,20 @@ def pgd(
     an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
     Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0).
     """
-    check_range("eps", eps, 0, 255)
-    check_range("step", step, 0, 255)
-    check_range("steps", steps, 0, integer=True)
-    check_range("clean_start_prob", clean_start_prob, 0, 1)
-    check_range("restarts", restarts, 1, integer=True)
-    check_choice("step_rule", step_rule, STEP_RULES)
-    check_choice("bn_mode", bn_mode, BN_MODES)
+    check_pgd_arguments(eps, step, steps, clean_start_prob, restarts, step_rule, bn_mode)
     if targeted and targets is None and num_classes is None:
         raise ValueError("num_classes=None is not accepted for a targeted attack without targets; give the class count")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images and labels disagree on the batch size ({images.shape[0]} vs {labels.shape[0]})")
 
-    eps01 = eps / 255.0
-    step01 = effective_step(eps, step, steps, step_rule) / 255.0
+    kwargs = dict(eps=eps, step=effective_step(eps, step, steps, step_rule), steps=steps, targeted=targeted,
+                  num_classes=num_classes, targets=targets, clean_start_prob=clean_start_prob,
+                  start_per_example=start_per_example, generator=generator)
     images = images.detach()
     best = None
     with attack_mode(model, bn_mode):
         for _ in range(restarts):
-            goal = labels if not targeted else (
-                targets if targets is not None else random_targets(labels, num_classes, generator))
-            start = random_start(images, eps01, clean_start_prob, start_per_example, generator)
-            x_adv = _pgd_iterations(model, images, goal, start, eps01, step01, steps, targeted)
+            x_adv = attack_once(model, images, labels, **kwargs)
             if best is None:
                 best = x_adv
             else:

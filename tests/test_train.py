@@ -189,3 +189,27 @@ def test_notebook_parameters_mean_preset_plus_changes():
     assert cfg.n_train == config.PRESETS["demo"]["n_train"]  # left at the notebook default: the preset's value
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]; valid parameters: \['preset'"):
         config.config_from_parameters({"epoch": 3})
+
+
+def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    kw = dict(runs_root=str(tmp_path), epochs=2, checkpoint_every_steps=3, norm="mbn", clean_ratio=0.5)
+    reference = train.train(make_config("test", name="straight", **kw), show_progress=False)
+
+    real_loss, calls = train.training_loss, []
+
+    def crash_at_step_11(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:  # epoch 2, batch 3 (8 batches per epoch); last checkpoint after step 9
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_loss", crash_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(make_config("test", name="crashed", **kw), show_progress=False)
+    ckpt = train.load_checkpoint(tmp_path / "crashed")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 1, 9)
+    assert json.loads((tmp_path / "crashed" / "status.json").read_text())["state"] == "failed"
+    monkeypatch.setattr(train, "training_loss", real_loss)
+    resumed = train.train(make_config("test", name="crashed", resume=True, **kw), show_progress=False)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
