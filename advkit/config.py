@@ -42,8 +42,8 @@ class Config:
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagenet
     data_root: str | None = None  # None: $ADVKIT_DATA or <repo>/data (imagenet: <that>/imagenet)
-    n_train: int | None = 2048  # seeded training subset; None = all
-    n_test: int | None = 256  # seeded evaluation subset; None = all
+    n_train: int | None = 2048  # seeded training subset; None: all
+    n_test: int | None = 256  # seeded evaluation subset; None: all
     num_workers: int = 0
     # model
     arch: str = "small_resnet8"  # small_resnet{8..110} or resnet{50..638}
@@ -68,7 +68,7 @@ class Config:
     epochs: int = 2
     batch_size: int = 128  # global batch
     optimizer: str = "sgd"
-    lr: float = 0.1  # per 256 images: lr = lr * batch_size / 256
+    lr: float = 0.1  # per 256 images: the optimizer uses lr x batch_size / 256
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4  # conv and linear weights only
@@ -82,8 +82,14 @@ class Config:
     # evaluation (the paper's protocol: targeted, random start)
     eval_eps: float = 16.0
     eval_step: float = 1.0
-    eval_steps: int = 10
+    eval_checkpoints: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200, 500, 1000, 2000])  # PGD-N curve in one pass
+    eval_targeted: bool = True  # False: untargeted PGD
+    eval_restarts: int = 1  # random restarts; an example must survive all of them
+    eval_step_rule: str = "fixed"  # fixed | max_eps_over_steps (the original pipeline's max(step, eps / N))
     eval_batch_size: int = 256
+    sanity_n: int = 256  # test images for the sanity checks (0: skip them)
+    bnstats_channels: int = 20  # channels sampled for Figures 5 and 6 (0: skip BN statistics)
+    bnstats_layer: str | None = None  # a norm layer's module name; None: the middle block of the third stage
     # hardware
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool | None = None  # None: on for CUDA, off for CPU
@@ -120,14 +126,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ImageNet, ResNet-152, batch 4096, PGD-30 step 1, 110 epochs, lr / 10 at 35, 70, 95 (Section 3)
     "paper": dict(dataset="imagenet", arch="resnet152", n_train=None, n_test=None, epochs=110, batch_size=4096,
                   lr=0.1, warmup_epochs=5, lr_decay_epochs=[35, 70, 95], weight_decay=1e-4, train_steps=30,
-                  train_step=1.0, eval_steps=2000, num_workers=8, checkpoint_every_steps=1000),
+                  train_step=1.0, num_workers=8, checkpoint_every_steps=1000),
     # the embedded default, sized for make demo on 2 CPU cores
     "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=8192, n_test=1000, epochs=4,
                  batch_size=128, lr=0.2, warmup_epochs=0.5, lr_decay_epochs=[3], train_steps=5, train_step=4.0,
-                 eval_steps=20, eval_step=2.0),
+                 eval_checkpoints=[10, 20, 50, 100], eval_step=1.0),
     # seconds on a CPU
     "test": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=512, n_test=128, epochs=2, batch_size=64,
-                 lr_decay_epochs=[1], train_steps=2, train_step=8.0, eval_steps=3, eval_step=4.0),
+                 lr_decay_epochs=[1], train_steps=2, train_step=8.0, eval_checkpoints=[1, 2, 3], eval_step=4.0,
+                 sanity_n=32, bnstats_channels=4),
 }
 
 
@@ -148,6 +155,26 @@ def make_config(preset: str | None = None, *, check_paths: bool = True, **overri
     cfg = Config(**values)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def parameters_cell() -> str:
+    """The experiment notebook's ``parameters`` cell, generated from :class:`Config` with the ``test`` preset's
+    values and each field's comment as help, in the form papermill documents (``Optional[...]``, no '=' in help).
+    The committed notebook must hold exactly this (a test checks it)."""
+    import inspect
+    import re
+
+    source = inspect.getsource(Config)
+    values = make_config("test").to_dict()
+    lines = ['preset: str = "test"  # test | demo | paper: parameters left at these defaults take the preset\'s values']
+    for f in dataclasses.fields(Config):
+        match = re.search(rf"^\s+{f.name}: (.+?) = .*?(?:  # (.*))?$", source, re.MULTILINE)
+        annotation, help_text = match.group(1), match.group(2)
+        if annotation.endswith(" | None"):
+            annotation = f"Optional[{annotation[:-7]}]"
+        line = f"{f.name}: {annotation} = {values[f.name]!r}"
+        lines.append(line + (f"  # {help_text}" if help_text else ""))
+    return "\n".join(lines)
 
 
 def config_from_parameters(parameters: dict[str, Any]) -> Config:
@@ -175,19 +202,25 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     check_choice("schedule", cfg.schedule, SCHEDULES)
     check_choice("device", cfg.device, DEVICES)
     check_choice("attack_bn_mode", cfg.attack_bn_mode, attacks.BN_MODES)
+    check_choice("eval_step_rule", cfg.eval_step_rule, attacks.STEP_RULES)
     check_choice("adv_ratio", cfg.adv_ratio, [0, 1])
     for name in ("clean_ratio", "alpha", "train_clean_start_prob", "label_smoothing", "lr_decay_factor",
                  "exp_decay_rate", "momentum"):
         check_range(name, getattr(cfg, name), 0, 1)
     for name in ("train_eps", "train_step", "eval_eps", "eval_step"):
         check_range(name, getattr(cfg, name), 0, 255)
-    for name in ("seed", "train_steps", "eval_steps", "num_workers", "checkpoint_every_steps", "running_stats_epochs"):
+    for name in ("seed", "train_steps", "num_workers", "checkpoint_every_steps", "running_stats_epochs", "sanity_n",
+                 "bnstats_channels"):
         check_range(name, getattr(cfg, name), 0, integer=True)
-    for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups", "eval_restarts"):
         check_range(name, getattr(cfg, name), 1, integer=True)
     for name in ("n_train", "n_test"):
         if getattr(cfg, name) is not None:
             check_range(name, getattr(cfg, name), 1, integer=True)
+    if not isinstance(cfg.eval_checkpoints, (list, tuple)) or not cfg.eval_checkpoints or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval_checkpoints):
+        raise ValueError(f"eval_checkpoints={cfg.eval_checkpoints!r} is not accepted; give a list of positive PGD "
+                         "iteration counts, e.g. [10, 20, 50, 100, 200, 500, 1000, 2000]")
     check_range("lr", cfg.lr, 0, low_open=True)
     check_range("weight_decay", cfg.weight_decay, 0)
     check_range("alp_weight", cfg.alp_weight, 0)

@@ -1,72 +1,279 @@
-"""Evaluation: clean accuracy and accuracy under the paper's targeted PGD, through each Mixture BN branch."""
+"""Evaluation you can trust: whole robustness curves (PGD-10 ... PGD-2000) in one pass, every MBN branch,
+per-example results that resume after an interruption, and sanity checks against fooling ourselves.
+
+With a fixed step, PGD-N is exactly the first N steps of PGD-2000 from the same start, so one run of the
+longest attack gives every checkpoint N: the final-iterate accuracy (the paper's PGD-N number) and the
+worst-iterate accuracy (an example counts as broken once any iterate so far, the random start included,
+fooled the model). The logits of each iterate come for free from the forward pass of its gradient step.
+Random numbers are drawn per batch from ``seed`` and the batch index, so a resumed (or sharded) evaluation,
+and a separate PGD-N run of the same batch with the same seed, draw the same targets and starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import attacks, data, norm
-from .config import Config
-from .train import autocast, resolve_device, uses_channels_last
+from .validate import check_choice, check_range
+
+PAPER_CHECKPOINTS = (10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
-def accuracy_under_attack(
+def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of one evaluation batch: independent of which batches ran before (resume, sharding)."""
+    return torch.Generator(torch.device(device)).manual_seed(seed * 1_000_003 + batch_index)
+
+
+def check_curve_arguments(checkpoints: Sequence[int], eps: float, step: float, restarts: int, step_rule: str) -> list[int]:
+    if not checkpoints or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in checkpoints):
+        raise ValueError(f"checkpoints={list(checkpoints)!r} is not accepted; give positive PGD iteration counts")
+    attacks.check_pgd_arguments(eps, step, max(checkpoints), restarts=restarts, step_rule=step_rule)
+    return sorted(set(checkpoints))
+
+
+def curve_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    checkpoints: Sequence[int] = PAPER_CHECKPOINTS,
+    eps: float = 16.0,
+    step: float = 1.0,
+    targeted: bool = True,
+    restarts: int = 1,
+    step_rule: str = "fixed",
+    num_classes: int | None = None,
+    seed: int = 0,
+    batch_index: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example correctness at every checkpoint: (final-iterate, worst-iterate), each (len(checkpoints), B).
+
+    Checkpoints that share an effective step (all of them with the fixed rule) come from one pass; under
+    ``step_rule='max_eps_over_steps'`` the short checkpoints whose step is raised get their own runs, each
+    starting from the same draws. Restarts: an example is correct only if it survives every restart.
+    """
+    checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
+    groups: dict[float, list[int]] = {}
+    for n in checkpoints:
+        groups.setdefault(attacks.effective_step(eps, step, n, step_rule), []).append(n)
+    position = {n: i for i, n in enumerate(checkpoints)}
+    final = torch.ones(len(checkpoints), len(labels), dtype=torch.bool, device=labels.device)
+    worst = final.clone()
+    with attacks.attack_mode(model, "running"):
+        for group_step, group in groups.items():
+            generator = batch_generator(seed, batch_index, images.device)
+            wanted = set(group)
+            for _ in range(restarts):
+                never_broken = torch.ones_like(labels, dtype=torch.bool)
+
+                def record(i: int, logits: torch.Tensor) -> None:
+                    correct = logits.argmax(1) == labels
+                    never_broken.logical_and_(correct)
+                    if i in wanted:
+                        final[position[i]] &= correct
+                        worst[position[i]] &= never_broken
+
+                x_last = attacks.attack_once(
+                    model, images, labels, eps=eps, step=group_step, steps=max(group), targeted=targeted,
+                    num_classes=num_classes, targets=None, clean_start_prob=0.0, start_per_example=False,
+                    generator=generator, on_logits=record)
+                with torch.no_grad():
+                    record(max(group), model(x_last))
+    return final, worst
+
+
+def robustness_curve(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     *,
     num_classes: int,
+    checkpoints: Sequence[int] = PAPER_CHECKPOINTS,
     eps: float = 16.0,
     step: float = 1.0,
-    steps: int = 10,
     targeted: bool = True,
     restarts: int = 1,
+    step_rule: str = "fixed",
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
     autocast_ctx: contextlib.AbstractContextManager | None = None,
+    save_dir: str | Path | None = None,
     show_progress: bool = False,
-    desc: str = "eval",
-) -> tuple[float, int]:
-    """Share of images whose label is still predicted after PGD-``steps`` (``steps=0``: clean accuracy).
+    desc: str = "curve",
+) -> dict[str, np.ndarray]:
+    """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` at each checkpoint.
 
-    Always a random start (the paper's evaluation protocol); BN uses running statistics.
+    Returns numpy arrays ``clean`` (n,), ``final`` and ``worst`` (len(checkpoints), n), ``labels`` (n,),
+    ``checkpoints``. With ``save_dir`` every batch's result is saved as it completes and reused when the same
+    evaluation runs again, so an interrupted evaluation resumes from its saved batches.
     """
-    device = torch.device(device)
-    generator = torch.Generator(device).manual_seed(seed)
+    checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
     autocast_ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
-    correct = total = 0
-    for batch in tqdm(loader, desc=desc, disable=not show_progress, leave=False):
-        images, labels = data.to_device(batch, device, channels_last)
-        with autocast_ctx:
-            if steps > 0:
-                images = attacks.pgd(model, images, labels, eps=eps, step=step, steps=steps, targeted=targeted,
-                                     num_classes=num_classes, restarts=restarts, generator=generator)
-            with torch.no_grad(), attacks.attack_mode(model):
-                correct += (model(images).argmax(1) == labels).sum().item()
-        total += len(labels)
-    return correct / total, total
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, list] = {"clean": [], "final": [], "worst": [], "labels": []}
+    for batch_index, batch in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
+        saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
+        if saved is not None and saved.exists():
+            result = torch.load(saved, weights_only=True)
+        else:
+            images, labels = data.to_device(batch, device, channels_last)
+            with autocast_ctx:
+                with torch.no_grad(), attacks.attack_mode(model):
+                    clean = model(images).argmax(1) == labels
+                final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
+                                           targeted=targeted, restarts=restarts, step_rule=step_rule,
+                                           num_classes=num_classes, seed=seed, batch_index=batch_index)
+            result = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
+            if saved is not None:
+                tmp = saved.with_suffix(".tmp")
+                torch.save(result, tmp)
+                tmp.replace(saved)
+        for key in parts:
+            parts[key].append(result[key])
+    return {"clean": torch.cat(parts["clean"]).numpy(), "final": torch.cat(parts["final"], 1).numpy(),
+            "worst": torch.cat(parts["worst"], 1).numpy(), "labels": torch.cat(parts["labels"]).numpy(),
+            "checkpoints": np.array(checkpoints)}
 
 
-def evaluate_model(model: nn.Module, cfg: Config, show_progress: bool = True) -> pd.DataFrame:
-    """Clean and targeted PGD-``eval_steps`` accuracy on the test subset, per MBN branch; a tidy table."""
+def curve_table(curve: dict[str, np.ndarray], **columns) -> pd.DataFrame:
+    """The tidy rows of one curve: a clean row (steps 0), then one row per checkpoint."""
+    n = len(curve["clean"])
+    rows = [dict(attack="clean", steps=0, accuracy=curve["clean"].mean(), worst_accuracy=curve["clean"].mean())]
+    for i, steps in enumerate(curve["checkpoints"]):
+        rows.append(dict(attack="pgd", steps=int(steps), accuracy=curve["final"][i].mean(),
+                         worst_accuracy=curve["worst"][i].mean()))
+    return pd.DataFrame([columns | row | {"n": n} for row in rows])
+
+
+def _spec_dir(root: Path, spec: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    folder = root / f"{spec['branch']}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+    return folder
+
+
+def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.DataFrame:
+    """The run's robustness curves, through every MBN branch, as one tidy table (also per-example results).
+
+    Per-example results go to ``<run>/eval/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
+    """
+    from .train import autocast, resolve_device, uses_channels_last
+
     device = resolve_device(cfg)
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
-    branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else [None]
-    rows = []
+    branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
+    tables = []
     for branch in branches:
-        with norm.use_branch(model, branch) if branch else contextlib.nullcontext():
-            for steps in (0, cfg.eval_steps):
-                acc, n = accuracy_under_attack(
-                    model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, eps=cfg.eval_eps,
-                    step=cfg.eval_step, steps=steps, seed=cfg.seed, device=device,
-                    channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
-                    show_progress=show_progress, desc=f"{branch or 'model'} PGD-{steps}")
-                rows.append(dict(branch=branch or "-", attack="clean" if steps == 0 else "pgd", targeted=steps > 0,
-                                 steps=steps, eps=cfg.eval_eps if steps else 0.0, step=cfg.eval_step if steps else 0.0,
-                                 restarts=1, accuracy=acc, n=n, seed=cfg.seed))
+        spec = dict(branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps, step=cfg.eval_step,
+                    restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.seed, n=cfg.n_test,
+                    checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset)
+        folder = _spec_dir(cfg.run_dir / "eval", spec)
+        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+            curve = robustness_curve(
+                model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=cfg.eval_checkpoints,
+                eps=cfg.eval_eps, step=cfg.eval_step, targeted=cfg.eval_targeted, restarts=cfg.eval_restarts,
+                step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
+                channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
+                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}")
+        np.savez_compressed(folder / "examples.npz", **curve)
+        tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
+                                  step=cfg.eval_step, step_rule=cfg.eval_step_rule, restarts=cfg.eval_restarts,
+                                  seed=cfg.seed))
+    return pd.concat(tables, ignore_index=True)
+
+
+def sanity_checks(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    checkpoints: Sequence[int] = (1, 2, 5, 10, 20),
+    eps: float = 16.0,
+    step: float = 1.0,
+    restarts: int = 3,
+    seed: int = 0,
+    undefended: bool = False,
+) -> pd.DataFrame:
+    """The usual checks against a broken evaluation, each with its numbers and a verdict.
+
+    - eps 0 leaves the clean accuracy; - worst-iterate accuracy never rises with N and never exceeds the
+    final-iterate one; - more restarts never raise accuracy; - the one-pass curve (untargeted) agrees with
+    torchattacks' PGD from the same random starts within 1 point (skipped without torchattacks); - for an
+    ``undefended`` (clean-trained) model, untargeted PGD at ``eps`` brings accuracy to about 0 (< 5%).
+    """
+    checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, "fixed")
+    rows = []
+
+    def check(name: str, passed: bool | None, value: str, expected: str) -> None:
+        rows.append(dict(check=name, passed=passed, value=value, expected=expected))
+
+    with torch.no_grad(), attacks.attack_mode(model):
+        clean = (model(images).argmax(1) == labels).float().mean().item()
+    kw = dict(num_classes=num_classes, checkpoints=checkpoints, step=step, seed=seed)
+    zero_final, _ = curve_batch(model, images, labels, eps=0.0, **kw)
+    zero = zero_final[-1].float().mean().item()
+    check("eps 0 gives clean accuracy", abs(zero - clean) < 1e-9, f"{zero:.4f} vs clean {clean:.4f}", "equal")
+
+    final, worst = curve_batch(model, images, labels, eps=eps, **kw)
+    final_acc, worst_acc = final.float().mean(1).tolist(), worst.float().mean(1).tolist()
+    check("worst-iterate accuracy never rises with N", all(b <= a for a, b in zip(worst_acc, worst_acc[1:])),
+          " ".join(f"{a:.3f}" for a in worst_acc), "non-increasing")
+    check("worst-iterate <= final-iterate", all(w <= f for w, f in zip(worst_acc, final_acc)),
+          " ".join(f"{w:.3f}<={f:.3f}" for w, f in zip(worst_acc, final_acc)), "at every N")
+
+    many, _ = curve_batch(model, images, labels, eps=eps, restarts=restarts, **kw)
+    raised = (many & ~final).any().item()
+    check(f"{restarts} restarts never raise accuracy", not raised,
+          f"{many[-1].float().mean().item():.4f} vs 1 restart {final_acc[-1]:.4f}", "per example, never higher")
+
+    untargeted, _ = curve_batch(model, images, labels, eps=eps, targeted=False, **kw)
+    try:
+        import torchattacks
+    except ImportError:
+        check("agrees with torchattacks (untargeted)", None, "torchattacks not installed", "within 1 point")
+    else:
+        n = max(checkpoints)
+        torch.manual_seed(seed * 1_000_003)  # the seed of batch 0: torchattacks draws its start from torch's RNG
+        theirs = torchattacks.PGD(model, eps=eps / 255, alpha=step / 255, steps=n, random_start=True)(images, labels)
+        with torch.no_grad(), attacks.attack_mode(model):
+            theirs_acc = (model(theirs).argmax(1) == labels).float().mean().item()
+        ours_acc = untargeted[-1].float().mean().item()
+        check("agrees with torchattacks (untargeted)", abs(ours_acc - theirs_acc) <= 0.01 + 1e-9,
+              f"PGD-{n}: {ours_acc:.4f} vs torchattacks {theirs_acc:.4f}", "within 1 point")
+    if undefended:
+        acc = untargeted[-1].float().mean().item()
+        check("undefended model falls to ~0% (untargeted)", acc < 0.05, f"{acc:.4f}", "< 0.05")
     return pd.DataFrame(rows)
+
+
+def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
+    """:func:`sanity_checks` on the first ``cfg.sanity_n`` test images of the run, through every MBN branch."""
+    from .train import resolve_device
+
+    device = resolve_device(cfg)
+    loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.seed, root=cfg.data_root)
+    images, labels = data.to_device(next(iter(loader)), device)
+    checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]
+    tables = []
+    for branch in list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]:
+        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+            table = sanity_checks(model, images, labels, num_classes=data.DATASETS[cfg.dataset].num_classes,
+                                  checkpoints=checkpoints, eps=cfg.eval_eps, step=cfg.eval_step, seed=cfg.seed,
+                                  undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn)
+        tables.append(table.assign(branch=branch))
+    return pd.concat(tables, ignore_index=True)

@@ -302,12 +302,19 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
 
 
 def run(cfg: Config, show_progress: bool = True):
-    """Train, then evaluate (clean and targeted PGD accuracy, each MBN branch) into ``results.csv``."""
-    from .evaluate import evaluate_model  # evaluate imports train's helpers
+    """Train, then evaluate into the run folder: ``results.csv`` (robustness curves, each MBN branch),
+    ``sanity.csv`` (sanity checks) and ``bnstats.csv`` (Figures 5-6). ``results.csv`` is written last: it marks
+    a finished run."""
+    from .bnstats import bnstats_for_run
+    from .evaluate import evaluate_model, sanity_for_run
 
     model = train(cfg, show_progress)  # marks the run failed itself once its folder is prepared
     try:
         results = evaluate_model(model, cfg, show_progress=show_progress)
+        if cfg.sanity_n:
+            sanity_for_run(model, cfg).to_csv(cfg.run_dir / "sanity.csv", index=False)
+        if cfg.bnstats_channels and norm.batch_norms(model):
+            bnstats_for_run(model, cfg).to_csv(cfg.run_dir / "bnstats.csv", index=False)
         results.to_csv(cfg.run_dir / "results.csv", index=False)
     except BaseException as exc:
         write_status(cfg.run_dir, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -5,7 +5,7 @@ import pytest
 
 from advkit import config, results, sweep
 
-FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_steps": 1}
+FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_checkpoints": [1], "sanity_n": 0, "bnstats_channels": 0}
 
 
 def _write(path, text):
@@ -72,14 +72,20 @@ def test_experiment_notebook_rejects_unknown_parameters(tmp_path):
 
 def test_experiment_notebook_parameters_are_the_config_with_test_defaults():
     import nbformat
+    from typing import Optional
+
+    from papermill.translators import PythonTranslator
 
     nb = nbformat.read(config.project_root() / "notebooks" / "experiment.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    namespace: dict = {}
+    assert cell.source == config.parameters_cell()  # regenerate it with config.parameters_cell() after a change
+    namespace: dict = {"Optional": Optional}
     exec(cell.source, namespace)
-    namespace = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    namespace = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "Optional"}
     assert namespace.pop("preset") == "test"
     assert namespace == config.make_config("test").to_dict()
+    documented = {p.name: p.help for p in PythonTranslator.inspect(cell)}  # what papermill --help-notebook shows
+    assert set(documented) == {"preset", *namespace}
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed stripped
 
 

@@ -102,7 +102,7 @@ def test_run_writes_the_run_folder_and_refuses_to_overwrite(tmp_path):
     assert saved["strategy"] == "100% adv + 100% clean" and saved["norm"] == "mbn"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["images_per_s"] > 0 for m in metrics)
-    assert set(table["branch"]) == {"clean", "adv"} and set(table["steps"]) == {0, cfg.eval_steps}
+    assert set(table["branch"]) == {"clean", "adv"} and set(table["steps"]) == {0, *cfg.eval_checkpoints}
     assert table["accuracy"].between(0, 1).all()
     ckpt = train.load_checkpoint(run_dir)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (512 // 64)
@@ -172,7 +172,9 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     (dict(init_checkpoint="/nonexistent.pt"), r"init_checkpoint='/nonexistent.pt'"),
     (dict(lr=0), r"lr=0"),
     (dict(train_eps=300), r"train_eps=300"),
-    (dict(eval_steps=-1), r"eval_steps=-1"),
+    (dict(eval_checkpoints=[10, -1]), r"eval_checkpoints=\[10, -1\]"),
+    (dict(eval_step_rule="linear"), r"eval_step_rule='linear'"),
+    (dict(eval_restarts=0), r"eval_restarts=0"),
     (dict(lr_decay_epochs=[5]), r"lr_decay_epochs=\[5\]"),
     (dict(adv_ratio=0, clean_ratio=0.5), r"clean_ratio=0.5 .*adv_ratio=0"),
     (dict(clean_ratoi=0.5), r"unknown parameter\(s\) \['clean_ratoi'\]"),

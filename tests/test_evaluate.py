@@ -1,0 +1,159 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from advkit import attacks, bnstats, data, evaluate, norm, train
+from advkit.config import make_config
+from conftest import fmnist_model
+
+
+def _loader(x, y, batch_size=64):
+    """A loader over in-memory [0, 1] images, as uint8 batches like the real ones."""
+    u8 = (x * 255).round().to(torch.uint8)
+    return [(u8[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+def _separate_accuracy(model, loader, steps, seed=0, **kw):
+    correct = 0
+    for b, batch in enumerate(loader):
+        x, y = data.to_device(batch, "cpu")
+        adv = attacks.pgd(model, x, y, steps=steps, num_classes=10, generator=evaluate.batch_generator(seed, b, "cpu"),
+                          **kw)
+        with torch.no_grad(), attacks.attack_mode(model):
+            correct += (model(adv).argmax(1) == y).sum().item()
+    return correct / sum(len(b[1]) for b in loader)
+
+
+@pytest.mark.parametrize("step_rule", ["fixed", "max_eps_over_steps"])
+def test_one_pass_curve_equals_separate_pgd_runs(clean_trained_model, fmnist_test, step_rule):
+    x, y = fmnist_test
+    loader = _loader(x[:128], y[:128])
+    checkpoints = [1, 2, 5, 12]
+    curve = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=checkpoints, eps=16,
+                                      step=1, step_rule=step_rule, seed=3)
+    one_pass = curve["final"].mean(1)
+    separate = [_separate_accuracy(clean_trained_model, loader, n, seed=3, eps=16, step=1, step_rule=step_rule)
+                for n in checkpoints]
+    assert one_pass.tolist() == pytest.approx(separate, abs=1e-12)
+    assert len(set(separate)) > 1  # the curve actually moves
+
+
+def test_worst_iterate_never_rises_and_never_exceeds_final(clean_trained_model, fmnist_test):
+    x, y = fmnist_test
+    curve = evaluate.robustness_curve(clean_trained_model, _loader(x, y), num_classes=10, checkpoints=[1, 3, 10, 30],
+                                      eps=8, step=1)
+    worst, final = curve["worst"].mean(1), curve["final"].mean(1)
+    assert np.all(np.diff(worst) <= 0) and np.all(worst <= final)
+    assert np.all(curve["worst"] <= curve["final"])  # per example too
+    assert np.all(curve["worst"][1:] <= curve["worst"][:-1])
+
+
+def test_restarts_never_raise_accuracy_per_example(clean_trained_model, fmnist_test):
+    x, y = fmnist_test
+    loader = _loader(x, y)
+    one = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=[3], eps=4, step=1)
+    many = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=[3], eps=4, step=1,
+                                     restarts=4)
+    assert np.all(many["final"] <= one["final"]) and many["final"].sum() < one["final"].sum()
+
+
+def test_interrupted_evaluation_resumes_from_saved_batches(clean_trained_model, fmnist_test, tmp_path):
+    x, y = fmnist_test
+    loader = _loader(x, y)
+    kw = dict(num_classes=10, checkpoints=[2, 4], eps=16, step=2, seed=1)
+    reference = evaluate.robustness_curve(clean_trained_model, loader, **kw)
+
+    def interrupted():
+        yield from loader[:2]
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.robustness_curve(clean_trained_model, interrupted(), save_dir=tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch_000000.pt", "batch_000001.pt"]
+    calls = []
+    clean_trained_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        resumed = evaluate.robustness_curve(clean_trained_model, loader, save_dir=tmp_path, **kw)
+    finally:
+        clean_trained_model._forward_pre_hooks.clear()
+    for key in ("clean", "final", "worst", "labels"):
+        assert np.array_equal(resumed[key], reference[key])
+    per_batch = 1 + 4 + 1  # clean forward, 4 attack steps, final forward
+    assert len(calls) == per_batch * (len(loader) - 2)  # the saved batches were not recomputed
+
+
+def test_mixture_bn_models_are_evaluated_through_each_branch(tmp_path):
+    cfg = make_config("test", name="mbn-eval", runs_root=str(tmp_path), norm="mbn", n_test=64, eval_checkpoints=[2])
+    model = train.build_model(cfg).eval()
+    with torch.no_grad():
+        for bn in norm.batch_norms(model, "clean"):
+            bn.running_var.fill_(9.0)
+    cfg.run_dir.mkdir(parents=True)
+    table = evaluate.evaluate_model(model, cfg, show_progress=False)
+    assert set(table["branch"]) == {"clean", "adv"}
+    logits = {}  # the branches really compute different functions
+    xb, _ = data.to_device(next(iter(data.make_loader("fashion-mnist", "test", 64, n=64))), "cpu")
+    for b in norm.BRANCHES:
+        with norm.use_branch(model, b), torch.no_grad():
+            logits[b] = model(xb)
+    assert not torch.allclose(logits["clean"], logits["adv"])
+    assert {"branch", "attack", "targeted", "steps", "restarts", "accuracy", "worst_accuracy", "n", "seed"} <= set(table)
+    assert len(list((tmp_path / "mbn-eval" / "eval").glob("*/examples.npz"))) == 2
+
+
+def test_sanity_checks_pass_on_a_real_model(clean_trained_model, fmnist_test):
+    x, y = fmnist_test
+    table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], num_classes=10, checkpoints=[1, 5, 20],
+                                   eps=16, step=2, undefended=True)
+    assert table["passed"].all(), table.to_string()
+    assert len(table) == 6
+
+
+def test_sanity_checks_catch_a_broken_attack(clean_trained_model, fmnist_test, monkeypatch):
+    """A deliberately wrong attack (ascending the target's loss) must fail the torchattacks agreement
+    or the undefended check; a test that cannot fail proves nothing."""
+    x, y = fmnist_test
+    real = attacks.pgd_iterations
+    monkeypatch.setattr(attacks, "pgd_iterations",
+                        lambda m, i, g, s, eps, step, steps, targeted, on_logits=None:
+                        real(m, i, g, s, eps, step, steps, not targeted, on_logits))
+    table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], num_classes=10, checkpoints=[1, 5, 20],
+                                   eps=16, step=2, undefended=True)
+    failed = set(table.loc[table["passed"] == False, "check"])  # noqa: E712
+    assert "agrees with torchattacks (untargeted)" in failed
+
+
+def test_variance_convention_compares_like_with_like():
+    model = fmnist_model().train()
+    layer = bnstats.default_layer(model)
+    bn = dict(model.named_modules())[layer]
+    bn.momentum = 1.0  # running statistics := the last batch's statistics
+    images = torch.rand(32, 1, 28, 28)
+    table = bnstats.batch_statistics(model, layer, images, list(range(bn.num_features)))
+    model(images)  # a real training-mode forward updates the buffers
+    var = table[table["statistic"] == "var"].sort_values("channel")["value"].to_numpy()
+    biased = table[table["statistic"] == "var_biased"].sort_values("channel")["value"].to_numpy()
+    mean = table[table["statistic"] == "mean"].sort_values("channel")["value"].to_numpy()
+    assert np.allclose(var, bn.running_var.numpy(), rtol=1e-4)  # PyTorch keeps the unbiased variance
+    assert np.allclose(mean, bn.running_mean.numpy(), rtol=1e-4, atol=1e-6)
+    n = 32 * 14 * 14  # elements per channel at that layer
+    assert np.allclose(biased, var * (n - 1) / n, rtol=1e-5)
+    assert set(table.loc[table["statistic"] == "var", "convention"]) == {"unbiased"}
+
+
+def test_figure_statistics_for_mixture_bn_leave_the_model_unchanged():
+    model = fmnist_model(norm="mbn").train()
+    model(torch.rand(16, 1, 28, 28))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=5, steps=2, step=8)
+    assert bnstats.default_layer(model) == "net.layer2.0.bn1"
+    fig5 = table[table["figure"] == 5]
+    assert set(fig5["branch"]) == {"clean", "adv"} and fig5["channel"].nunique() == 5
+    fig6 = table[table["figure"] == 6]
+    assert set(fig6["source"]) == {"batch1", "batch2", "running"} and set(fig6["branch"]) == {"adv"}
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.training and norm.get_branch(model) == "adv"
+    with pytest.raises(ValueError, match="bnstats_layer='net.fc'"):
+        bnstats.figure_statistics(model, batches, num_classes=10, layer="net.fc")
