@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 FMNIST := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo clean-runs
+.PHONY: setup test demo figures clean-runs
 
 setup: $(INSTALLED) $(FMNIST)
 
@@ -34,6 +34,11 @@ test: setup
 demo: setup
 	$(VENV)/bin/advkit sweep notebooks/sweeps/demo.yaml
 	$(VENV)/bin/advkit summary runs/demo
+	$(MAKE) --no-print-directory figures
+
+# every analysis notebook through papermill: the paper's panels, and the kit's for whatever runs exist
+figures: setup
+	$(VENV)/bin/advkit figures --runs runs --out figures
 
 clean-runs:
 	rm -rf runs/demo

@@ -1,4 +1,5 @@
-"""Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit sweep FILE``, ``advkit summary ROOT``."""
+"""Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit sweep FILE``, ``advkit summary ROOT``,
+``advkit figures`` (every analysis notebook through papermill)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--check", action="store_true", help="validate the file and list its points; run nothing")
     p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table")
     p_sum.add_argument("root")
+    p_fig = sub.add_parser("figures", help="execute every analysis notebook headlessly: figures and tables")
+    p_fig.add_argument("--runs", default="runs", help="runs root searched recursively (default: runs)")
+    p_fig.add_argument("--out", default="figures", help="figures folder (default: figures)")
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -33,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
             return 0
         outcome = run_sweep(args.file, kernel=args.kernel)
+        return 1 if outcome["failed"] else 0
+    if args.command == "figures":
+        from .figures import run_analysis_notebooks
+
+        outcome = run_analysis_notebooks(args.runs, args.out)
         return 1 if outcome["failed"] else 0
     from .results import summary_table
 

@@ -27,8 +27,15 @@ def project_root() -> Path:
 
 
 def runs_base() -> Path:
-    """Where relative ``runs_root`` values resolve: ``$ADVKIT_RUNS_BASE`` if set, else the repository root."""
-    return Path(os.environ.get("ADVKIT_RUNS_BASE", project_root()))
+    """Where relative output paths (``runs_root``, the analysis notebooks' ``figures_dir``) resolve:
+    ``$ADVKIT_OUTPUT_BASE`` if set (the test suite points it at a temporary folder), else the repository root."""
+    return Path(os.environ.get("ADVKIT_OUTPUT_BASE", project_root()))
+
+
+def resolve_output(path: str | Path) -> Path:
+    """``path`` if absolute, else ``runs_base() / path``."""
+    path = Path(path)
+    return path if path.is_absolute() else runs_base() / path
 
 
 @dataclass
@@ -98,8 +105,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        root = Path(self.runs_root)
-        return (root if root.is_absolute() else runs_base() / root) / self.name
+        return resolve_output(self.runs_root) / self.name
 
     @property
     def strategy(self) -> str:
@@ -128,9 +134,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   lr=0.1, warmup_epochs=5, lr_decay_epochs=[35, 70, 95], weight_decay=1e-4, train_steps=30,
                   train_step=1.0, num_workers=8, checkpoint_every_steps=1000),
     # the embedded default, sized for make demo on 2 CPU cores
-    "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=8192, n_test=1000, epochs=4,
+    "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=8192, n_test=500, epochs=4,
                  batch_size=128, lr=0.2, warmup_epochs=0.5, lr_decay_epochs=[3], train_steps=5, train_step=4.0,
-                 eval_checkpoints=[10, 20, 50, 100], eval_step=1.0),
+                 eval_checkpoints=[5, 10, 20, 50], eval_step=2.0, sanity_n=128),
     # seconds on a CPU
     "test": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=512, n_test=128, epochs=2, batch_size=64,
                  lr_decay_epochs=[1], train_steps=2, train_step=8.0, eval_checkpoints=[1, 2, 3], eval_step=4.0,

@@ -1,14 +1,35 @@
-"""Run folders as tidy pandas tables (the analysis layer reads runs through here)."""
+"""Results as tidy pandas tables: the kit's run folders and the paper's published numbers in one schema.
+
+The analysis schema has one row per (model, MBN branch, attack): ``source`` ('paper' or 'kit'), ``run``,
+``dataset``, ``arch``, ``batch_size``, ``train_steps``, ``adv_ratio``, ``clean_ratio``, ``norm`` ('bn', 'mbn',
+'gn'), ``branch`` ('-', 'clean', 'adv'), ``alp``, ``running_stats``, ``finetune_bn``, ``seed``, ``strategy`` (the
+paper's name), ``steps`` (0: clean images), ``accuracy`` and ``worst_accuracy`` in percent, ``n``. One plotting
+function then serves both sources.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .config import project_root
+
+PAPER_DIR = project_root() / "data" / "paper"
+SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "adv_ratio", "clean_ratio", "norm",
+          "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "steps", "accuracy",
+          "worst_accuracy", "n"]
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
-                  "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "epochs", "seed"]
+                  "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed"]
+
+
+def strategy_label(adv_ratio: float, clean_ratio: float, alp: bool = False) -> str:
+    """The paper's name of a strategy: '100% adv + 20% clean, ALP', '0% adv + 100% clean'."""
+    if adv_ratio == 0:
+        return "0% adv + 100% clean"
+    return f"100% adv + {clean_ratio * 100:g}% clean" + (", ALP" if alp else "")
 
 
 def run_status(run_dir: Path) -> str:
@@ -17,31 +38,33 @@ def run_status(run_dir: Path) -> str:
     return json.loads(path.read_text())["state"] if path.exists() else "unknown"
 
 
+def _run_dirs(root: str | Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).glob("**/config.json"))
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
-    """Every finished run under ``root``: config columns + one row per result row of its ``results.csv``.
+    """Every finished run under ``root``: config columns + its ``results.csv`` rows (accuracies as fractions).
 
     Runs that failed or are still running are not mixed in: :func:`unfinished_runs` lists them.
     """
     frames = []
-    for config_path in sorted(Path(root).glob("**/config.json")):
-        run_dir = config_path.parent
+    for run_dir in _run_dirs(root):
         if run_status(run_dir) != "done" or not (run_dir / "results.csv").exists():
             continue
-        cfg = json.loads(config_path.read_text())
+        cfg = json.loads((run_dir / "config.json").read_text())
         results = pd.read_csv(run_dir / "results.csv")
         for column in reversed(CONFIG_COLUMNS):
             if column not in results:
-                results.insert(0, column, cfg.get(column))
+                results.insert(0, column, [cfg.get(column)] * len(results))
         results.insert(0, "run_dir", str(run_dir))
         frames.append(results)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_dir", *CONFIG_COLUMNS])
 
 
 def unfinished_runs(root: str | Path) -> pd.DataFrame:
-    """Runs under ``root`` without a finished result: name, status and error (if it failed)."""
+    """Runs under ``root`` without a finished result: folder, status and error (if it failed)."""
     rows = []
-    for config_path in sorted(Path(root).glob("**/config.json")):
-        run_dir = config_path.parent
+    for run_dir in _run_dirs(root):
         status_path = run_dir / "status.json"
         status = json.loads(status_path.read_text()) if status_path.exists() else {"state": "unknown"}
         if status["state"] != "done":
@@ -49,12 +72,78 @@ def unfinished_runs(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_dir", "state", "error"])
 
 
-def summary_table(root: str | Path) -> pd.DataFrame:
-    """One row per run and MBN branch: strategy, norm, clean accuracy and PGD accuracy (percent)."""
+def kit_results(root: str | Path) -> pd.DataFrame:
+    """The finished runs under ``root`` in the analysis schema (accuracies in percent)."""
     runs = load_runs(root)
     if runs.empty:
-        return pd.DataFrame(columns=["name", "strategy", "norm", "branch", "clean", "pgd"])
-    runs = runs.assign(metric=runs["attack"].where(runs["attack"] == "clean", "pgd" + runs["steps"].astype(str)))
-    table = runs.pivot_table(index=["name", "strategy", "norm", "branch"], columns="metric", values="accuracy",
-                             aggfunc="first", sort=False) * 100
-    return table.round(1).reset_index()
+        return pd.DataFrame(columns=SCHEMA)
+    frame = pd.DataFrame({
+        "source": "kit", "run": runs["name"], "dataset": runs["dataset"], "arch": runs["arch"],
+        "batch_size": runs["batch_size"], "train_steps": runs["train_steps"], "adv_ratio": runs["adv_ratio"],
+        "clean_ratio": runs["clean_ratio"], "norm": runs["norm"], "branch": runs["branch"],
+        "alp": runs["alp_weight"] > 0, "running_stats": runs["running_stats_epochs"] > 0,
+        "finetune_bn": runs["finetune_bn"].astype(bool), "seed": runs["seed"], "strategy": runs["strategy"],
+        "steps": runs["steps"], "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100,
+        "n": runs["n"]})
+    return frame[SCHEMA]
+
+
+def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
+    """The paper's numbers (Table 7 and the clean accuracies of Table 1 / Section 5) in the analysis schema."""
+    folder = Path(folder)
+    table7 = pd.read_csv(folder / "table7.csv")
+    rows = []
+    for i, r in table7.iterrows():
+        norm = {"mbn_adv": "mbn"}.get(r["norm"], r["norm"])
+        branch = "adv" if r["norm"] == "mbn_adv" else "-"
+        model = dict(source="paper", run=f"table7-{i + 1}", dataset="imagenet", arch=r["network"],
+                     batch_size=r["batch_size"], train_steps=r["train_pgd_steps"], adv_ratio=1.0,
+                     clean_ratio=r["clean_ratio"], norm=norm, branch=branch, alp=bool(r["alp"]),
+                     running_stats=bool(r["running_stats"]), finetune_bn=False, seed=np.nan,
+                     strategy=strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
+        for column, steps in [("clean", 0), ("pgd10", 10), ("pgd20", 20), ("pgd100", 100), ("pgd500", 500),
+                              ("pgd2000", 2000)]:
+            rows.append(model | dict(steps=steps, accuracy=r[column], worst_accuracy=np.nan))
+    extra = pd.read_csv(folder / "clean_training.csv")
+    for i, r in extra.iterrows():
+        alp = r["norm"].endswith("_alp")
+        norm = r["norm"].removesuffix("_alp")
+        rows.append(dict(source="paper", run=f"clean-{i + 1}", dataset="imagenet", arch=r["network"],
+                         batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, adv_ratio=r["adv_ratio"],
+                         clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
+                         finetune_bn=False, seed=np.nan, strategy=strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
+                         steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
+    return pd.DataFrame(rows)[SCHEMA]
+
+
+def load_bnstats(root: str | Path) -> pd.DataFrame:
+    """The ``bnstats.csv`` of every finished run under ``root``, with run name, strategy and norm."""
+    frames = []
+    for run_dir in _run_dirs(root):
+        path = run_dir / "bnstats.csv"
+        if run_status(run_dir) == "done" and path.exists() and path.stat().st_size > 1:
+            cfg = json.loads((run_dir / "config.json").read_text())
+            frames.append(pd.read_csv(path).assign(run=cfg["name"], strategy=cfg["strategy"], norm=cfg["norm"],
+                                                   dataset=cfg["dataset"], arch=cfg["arch"],
+                                                   running_stats=cfg["running_stats_epochs"] > 0, seed=cfg["seed"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def analysis_frame(runs_root: str | Path | None = None) -> pd.DataFrame:
+    """The paper's numbers and (if ``runs_root`` exists) the kit's finished runs, in one table."""
+    frames = [paper_results()]
+    if runs_root is not None and Path(runs_root).exists():
+        frames.append(kit_results(runs_root))
+    return pd.concat([f for f in frames if not f.empty], ignore_index=True)
+
+
+def summary_table(root: str | Path) -> pd.DataFrame:
+    """One row per run and MBN branch: strategy, norm, clean accuracy and PGD-N accuracies (percent)."""
+    runs = kit_results(root)
+    if runs.empty:
+        return pd.DataFrame(columns=["run", "strategy", "norm", "branch", "clean"])
+    runs = runs.assign(metric=np.where(runs["steps"] == 0, "clean", "pgd" + runs["steps"].astype(str)))
+    table = runs.pivot_table(index=["run", "strategy", "norm", "branch"], columns="metric", values="accuracy",
+                             aggfunc="first", sort=False)
+    ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[3:]))
+    return table[ordered].round(1).reset_index()

@@ -205,8 +205,7 @@ def train(cfg: Config, show_progress: bool = True) -> nn.Module:
     validate(cfg)
     device = resolve_device(cfg)
     run_dir = prepare_run_dir(cfg)
-    if not cfg.resume:
-        cfg.save(run_dir / "config.json")
+    cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
     write_status(run_dir, "running")
     try:
         return _train(cfg, device, run_dir, show_progress)

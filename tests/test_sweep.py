@@ -58,7 +58,7 @@ def test_sweep_runs_skips_finished_points_and_lists_failures(tmp_path, capsys):
     assert f"FAILED broken: see {runs / 'broken' / 'experiment.ipynb'}" in out
     assert (runs / "ok" / "experiment.ipynb").exists() and (runs / "ok" / "results.csv").exists()
     assert results.run_status(runs / "broken") == "failed"
-    assert list(results.load_runs(runs)["name"].unique()) == ["ok"]  # failed runs are not mixed in
+    assert list(results.kit_results(runs)["run"].unique()) == ["ok"]  # failed runs are not mixed in
     assert list(results.unfinished_runs(runs)["state"]) == ["failed"]
     again = sweep.run_sweep(f, progress=False)
     assert again["skipped"] == ["ok"]

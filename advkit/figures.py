@@ -1,0 +1,34 @@
+"""``make figures``: execute every analysis notebook headlessly through papermill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import project_root, resolve_output
+
+ANALYSIS_DIR = project_root() / "notebooks" / "analysis"
+
+
+def run_analysis_notebooks(runs_root: str = "runs", figures_dir: str = "figures") -> dict[str, list]:
+    """Run each ``notebooks/analysis/*.ipynb`` with ``runs_root`` and ``figures_dir``; executed copies go to
+    ``<runs_root>/analysis/``. Carries on past a failing notebook and lists the failures and the figures."""
+    import papermill
+
+    executed_dir = resolve_output(runs_root) / "analysis"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, list] = {"done": [], "failed": []}
+    for notebook in sorted(ANALYSIS_DIR.glob("*.ipynb")):
+        output = executed_dir / notebook.name
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters={"runs_root": runs_root,
+                                       "figures_dir": figures_dir}, progress_bar=False, cwd=str(project_root()))
+            outcome["done"].append(notebook.name)
+        except Exception as exc:  # report them all at the end
+            outcome["failed"].append((notebook.name, str(output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
+    out = resolve_output(figures_dir)
+    for path in sorted(out.glob("*.png")) + sorted(out.glob("*.md")):
+        print(path)
+    for name, output, error in outcome["failed"]:
+        print(f"[figures] FAILED {name}: see {output}\n    {error}")
+    print(f"[figures] {len(outcome['done'])} notebooks done, {len(outcome['failed'])} failed; figures in {out}")
+    return outcome

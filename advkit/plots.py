@@ -1,0 +1,333 @@
+"""Every figure and table of the paper, drawn by the same code from the paper's numbers and from the kit's runs.
+
+Each ``figureN(frame)`` takes the analysis table of :mod:`advkit.results` (both sources) and draws two panels
+side by side, the paper's and the kit's, saving PNG and PDF into ``figures/``. Where no kit run fits, the kit
+panel says which sweep produces it. Kit panels say their scale (data set, network, attack) in the title; where
+several seeds exist seaborn draws 95% confidence intervals over them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from .config import project_root
+
+FIGURES_DIR = project_root() / "figures"
+SOURCES = ("paper", "kit")
+SWEEP_OF = {"figure1": "fmnist/figure1.yaml", "figure2": "fmnist/mbn-gn-alp.yaml", "figure3": "fmnist/mbn-gn-alp.yaml",
+            "figure5": "fmnist/mbn-gn-alp.yaml", "figure6": "fmnist/mbn-gn-alp.yaml", "figure7": "fmnist/figure7.yaml"}
+
+
+def save(fig: plt.Figure, name: str, folder: str | Path | None = None) -> list[Path]:
+    """Write ``name``.png and ``name``.pdf into ``folder`` (default ``figures/``); return the paths."""
+    folder = Path(folder) if folder is not None else FIGURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def _mode(series: pd.Series):
+    return series.mode().iloc[0] if not series.dropna().empty else None
+
+
+def dominant(frame: pd.DataFrame, columns: list[str], reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` with the most frequent value of each column in ``reference`` (default ``frame``): one
+    panel compares like with like, at the setting most runs share (the paper: ResNet-152, batch 4096, PGD-30)."""
+    reference = frame if reference is None else reference
+    for column in columns:
+        value = _mode(reference[column])
+        if value is not None:
+            frame = frame[frame[column] == value]
+            reference = reference[reference[column] == value]
+    return frame
+
+
+def scale_note(frame: pd.DataFrame) -> str:
+    """'fashion-mnist, small_resnet8, train PGD-5' for a panel's title."""
+    if frame.empty:
+        return ""
+    archs = frame["arch"].unique()
+    parts = [str(_mode(frame["dataset"])), str(archs[0]) if len(archs) == 1 else "several depths",
+             f"train PGD-{_mode(frame['train_steps'])}"]
+    return ", ".join(parts)
+
+
+def _panel(ax: plt.Axes, source: str, rows: pd.DataFrame, draw: Callable, name: str, title: str) -> None:
+    if rows.empty:
+        ax.set_axis_off()
+        hint = f"notebooks/sweeps/{SWEEP_OF.get(name, '...')}" if source == "kit" else "no published numbers"
+        ax.text(0.5, 0.5, f"no {source} results for {title}\n" + (f"run: advkit sweep {hint}" if source == "kit"
+                                                                   else hint), ha="center", va="center", fontsize=8)
+        ax.set_title(source)
+        return
+    draw(ax, rows)
+    ax.set_title(f"{source}: {scale_note(rows)}", fontsize=9)
+
+
+def side_by_side(frame: pd.DataFrame, select: Callable[[pd.DataFrame], pd.DataFrame], draw: Callable,
+                 name: str, title: str, folder: str | Path | None = None) -> plt.Figure:
+    """Draw ``draw(ax, rows)`` for the paper's and the kit's rows chosen by ``select``; save as ``name``."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, source in zip(axes, SOURCES):
+        rows = frame[frame["source"] == source]
+        _panel(ax, source, select(rows) if not rows.empty else rows, draw, name, title)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save(fig, name, folder)
+    return fig
+
+
+def _max_steps(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["steps"] == rows["steps"].max()]
+
+
+def _plain_adversarial(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[(rows["adv_ratio"] == 1) & ~rows["finetune_bn"].astype(bool)]
+
+
+# ---------------------------------------------------------------- figures
+
+def figure1(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 1: accuracy against the strongest PGD against the share of clean images (plain BN)."""
+
+    def select(rows):
+        chosen = _plain_adversarial(rows)
+        chosen = chosen[(chosen["norm"] == "bn") & ~chosen["alp"].astype(bool) & ~chosen["running_stats"].astype(bool)]
+        return _max_steps(dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows))
+
+    def draw(ax, rows):
+        sns.lineplot(data=rows.assign(clean_pct=rows["clean_ratio"] * 100), x="clean_pct", y="accuracy",
+                     marker="o", errorbar=("ci", 95), ax=ax)
+        ax.set(xlabel="clean images kept (%)", ylabel=f"accuracy vs PGD-{int(rows['steps'].max())} (%)")
+
+    return side_by_side(frame, select, draw, "figure1", "Figure 1: robustness against the share of clean images", folder)
+
+
+def _curves(rows: pd.DataFrame, ax: plt.Axes) -> None:
+    rows = rows[rows["steps"] > 0]
+    sns.lineplot(data=rows, x="steps", y="accuracy", hue="strategy", marker="o", errorbar=("ci", 95), ax=ax)
+    ax.set(xscale="log", xlabel="PGD iterations", ylabel="accuracy (%)")
+    ax.legend(fontsize=7)
+
+
+def figure2(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 2: accuracy against PGD iterations, standard BN: 100% adv + 0% / 100% clean, and ALP."""
+
+    def select(rows):
+        chosen = _plain_adversarial(rows)
+        chosen = chosen[(chosen["norm"] == "bn") & chosen["clean_ratio"].isin([0.0, 1.0])
+                        & ~chosen["running_stats"].astype(bool)]
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows)
+
+    return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure2",
+                        "Figure 2: robustness curves with standard BN", folder)
+
+
+def figure3(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 3: accuracy against PGD iterations through MBN_adv (100% adv + 100% clean, with and without ALP)."""
+
+    def select(rows):
+        chosen = _plain_adversarial(rows)
+        chosen = chosen[(chosen["norm"] == "mbn") & (chosen["branch"] == "adv") & ~chosen["running_stats"].astype(bool)]
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows)
+
+    return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure3",
+                        "Figure 3: robustness curves through MBN_adv", folder)
+
+
+def depth_of(arch: str) -> int:
+    return int(re.search(r"(\d+)$", arch).group(1))
+
+
+def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 7: accuracy against depth: adversarial training (strongest PGD, 100% adv + 0% clean, running
+    statistics) against clean training (clean accuracy, 0% adv + 100% clean)."""
+
+    def select(rows):
+        adversarial = rows[(rows["adv_ratio"] == 1) & (rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
+                           & rows["running_stats"].astype(bool) & ~rows["finetune_bn"].astype(bool)]
+        adversarial = _max_steps(dominant(adversarial, ["dataset", "batch_size", "train_steps"], rows))
+        clean = rows[(rows["adv_ratio"] == 0) & (rows["steps"] == 0) & (rows["norm"] == "bn")
+                     & ~rows["finetune_bn"].astype(bool)]
+        both = pd.concat([adversarial.assign(training="adversarial (PGD)"), clean.assign(training="clean (clean acc.)")])
+        return both.assign(depth=both["arch"].map(depth_of))
+
+    def draw(ax, rows):
+        for training, part in rows.groupby("training"):
+            sub_ax = ax if training.startswith("adversarial") else ax.twinx()
+            sns.lineplot(data=part, x="depth", y="accuracy", marker="o", errorbar=("ci", 95), ax=sub_ax,
+                         color="C0" if sub_ax is ax else "C1", label=training)
+            sub_ax.set_ylabel(f"{training} accuracy (%)", fontsize=8)
+            sub_ax.legend(loc="lower right" if sub_ax is ax else "upper left", fontsize=7)
+        ax.set(xlabel="network depth (layers)")
+
+    return side_by_side(frame, select, draw, "figure7", "Figure 7: depth, adversarial against clean training", folder)
+
+
+def figure5(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 5: running mean and variance of MBN_clean against MBN_adv on the sampled channels (kit only: the
+    paper publishes no numbers for it)."""
+    rows = bnstats[bnstats["figure"] == 5] if not bnstats.empty else bnstats
+    if "strategy" in rows:  # several runs: one setting, seeds pooled
+        rows = dominant(rows, ["dataset", "arch", "layer", "strategy", "running_stats"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    if rows.empty:
+        for ax in axes:
+            _panel(ax, "kit", rows, None, "figure5", "Figure 5")
+    else:
+        for ax, statistic in zip(axes, ("mean", "var")):
+            part = rows[rows["statistic"] == statistic].assign(BN=lambda d: "MBN_" + d["branch"])
+            sns.barplot(data=part, x="channel", y="value", hue="BN", ax=ax, errorbar=("ci", 95))
+            ax.set(ylabel=f"running {statistic}", xlabel=f"channel of {part['layer'].iloc[0]}")
+            ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle("Figure 5: running statistics of MBN_clean and MBN_adv (paper: no published numbers)", fontsize=10)
+    fig.tight_layout()
+    save(fig, "figure5", folder)
+    return fig
+
+
+def figure6(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Figure 6: batch mean and (unbiased) variance of two adversarial mini-batches against running statistics."""
+    rows = bnstats[(bnstats["figure"] == 6) & bnstats["statistic"].isin(["mean", "var"])] if not bnstats.empty else bnstats
+    if "strategy" in rows:  # the paper's model: 100% adv + 0% clean, plain BN, where there is one
+        madry = rows[(rows["strategy"] == "100% adv + 0% clean") & (rows["norm"] == "bn")]
+        rows = dominant(madry if not madry.empty else rows, ["dataset", "arch", "layer", "strategy", "running_stats"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    if rows.empty:
+        for ax in axes:
+            _panel(ax, "kit", rows, None, "figure6", "Figure 6")
+    else:
+        for ax, statistic in zip(axes, ("mean", "var")):
+            part = rows[rows["statistic"] == statistic]
+            sns.pointplot(data=part, x="channel", y="value", hue="source", linestyles="none", ax=ax,
+                          errorbar=("ci", 95), dodge=0.3, markersize=3)
+            ax.set(ylabel=f"{statistic} ({'unbiased, like running_var' if statistic == 'var' else 'per channel'})",
+                   xlabel=f"channel of {part['layer'].iloc[0]}")
+            ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle("Figure 6: batch statistics of adversarial mini-batches against running statistics "
+                 "(paper: no published numbers)", fontsize=10)
+    fig.tight_layout()
+    save(fig, "figure6", folder)
+    return fig
+
+
+# ---------------------------------------------------------------- tables
+
+def _accuracy_at(rows: pd.DataFrame, steps: int | None = None) -> float:
+    rows = rows[rows["steps"] == (rows["steps"].max() if steps is None else steps)]
+    return rows["accuracy"].mean() if not rows.empty else float("nan")
+
+
+def _key(row: pd.Series) -> str:
+    name = row["strategy"]
+    if row["norm"] == "mbn":
+        name = f"MBN_{row['branch']}, {name}"
+    elif row["norm"] == "gn":
+        name = f"GN, {name}"
+    return name + ("*" if row["running_stats"] else "")
+
+
+def _settings(rows: pd.DataFrame, running_stats_mark: bool = True) -> pd.Series:
+    keys = [_key(r) if running_stats_mark else _key(r).rstrip("*") for _, r in rows.iterrows()]
+    return pd.Series(keys, index=rows.index, dtype=object)
+
+
+def table7(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every model: network, batch, training PGD-N, setting, clean and PGD-N accuracies (mean over seeds)."""
+    rows = frame[~frame["finetune_bn"].astype(bool)]
+    rows = rows.assign(setting=_settings(rows),
+                       metric=rows["steps"].map(lambda s: "clean" if s == 0 else f"PGD-{s}"))
+    table = rows.pivot_table(index=["arch", "batch_size", "train_steps", "setting"], columns="metric",
+                             values="accuracy", aggfunc="mean")
+    ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[4:]))
+    return table[ordered].round(1).reset_index()
+
+
+def table_by(frame: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
+    """Strongest-PGD accuracy of plain adversarial training, ``index`` x ``columns`` (Tables 4, 5, 6)."""
+    rows = _plain_adversarial(frame)
+    rows = rows[rows["steps"] == rows["steps"].max()]
+    rows = rows.assign(setting=_settings(rows))
+    return rows.pivot_table(index=index, columns=columns, values="accuracy", aggfunc="mean").round(1)
+
+
+def table1(frame: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: clean accuracy of standard training and MBN_clean; strongest-PGD accuracy of 100% adv + 0% clean
+    and MBN_adv, with and without ALP (no running statistics)."""
+    rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
+    rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps"], frame), rows[rows["adv_ratio"] == 0]])
+    out = []
+    for label, part, steps in [
+        ("0% adv + 100% clean", rows[(rows["adv_ratio"] == 0) & (rows["norm"] == "bn")], 0),
+        ("MBN_clean, 100% adv + 100% clean", rows[(rows["branch"] == "clean") & ~rows["alp"].astype(bool)], 0),
+        ("MBN_clean, 100% adv + 100% clean, ALP", rows[(rows["branch"] == "clean") & rows["alp"].astype(bool)], 0),
+        ("100% adv + 0% clean", rows[(rows["adv_ratio"] == 1) & (rows["clean_ratio"] == 0) & (rows["norm"] == "bn")], None),
+        ("MBN_adv, 100% adv + 100% clean", rows[(rows["branch"] == "adv") & ~rows["alp"].astype(bool)
+                                                & (rows["clean_ratio"] == 1)], None),
+        ("MBN_adv, 100% adv + 100% clean, ALP", rows[(rows["branch"] == "adv") & rows["alp"].astype(bool)
+                                                     & (rows["clean_ratio"] == 1)], None),
+    ]:
+        strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
+        out.append(dict(strategy=label, metric="clean" if steps == 0 else f"PGD-{strongest}",
+                        accuracy=round(_accuracy_at(part, steps), 1)))
+    table = pd.DataFrame(out)
+    for metric, part in table.groupby("metric"):
+        table.loc[part.index, "difference"] = (part["accuracy"] - part["accuracy"].iloc[0]).round(1)
+    return table
+
+
+def table2(frame: pd.DataFrame) -> pd.DataFrame:
+    """Table 2: strongest-PGD accuracy without and with running statistics in the last epochs."""
+    rows = dominant(_plain_adversarial(frame), ["arch", "batch_size", "train_steps"], frame)
+    rows = rows[(rows["steps"] == rows["steps"].max()) & ((rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
+                                                          | (rows["branch"] == "adv") & (rows["clean_ratio"] == 1))]
+    rows = rows.assign(setting=_settings(rows, running_stats_mark=False),
+                       running_stats=rows["running_stats"].map({True: "with running stats", False: "without"}))
+    table = rows.pivot_table(index="setting", columns="running_stats", values="accuracy", aggfunc="mean").round(1)
+    if {"with running stats", "without"} <= set(table.columns):
+        table["difference"] = (table["with running stats"] - table["without"]).round(1)
+    return table.reset_index()
+
+
+def write_table(table: pd.DataFrame, name: str, folder: str | Path | None = None) -> list[Path]:
+    """``name``.csv and ``name``.md in ``folder`` (default ``figures/``)."""
+    folder = Path(folder) if folder is not None else FIGURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.csv", folder / f"{name}.md"]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(table.to_markdown(index=False) + "\n")
+    return paths
+
+
+def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Tables 1, 2, 4, 5, 6 and 7 for each source, written as CSV and Markdown (``tableN_<source>``)."""
+    tables = {}
+    for source in SOURCES:
+        rows = frame[frame["source"] == source]
+        if rows.empty:
+            continue
+        plain = ~rows["running_stats"].astype(bool)
+        two_extremes = rows["clean_ratio"].isin([0.0, 1.0]) & rows["norm"].isin(["bn", "mbn"])
+        rs_strategies = (rows["clean_ratio"] == 0) & (rows["norm"] == "bn") | (rows["branch"] == "adv")
+        built = {
+            "table1": table1(dominant(rows, ["arch", "batch_size"])),  # Table 1 compares one network
+            "table2": table2(rows),
+            "table4": table_by(dominant(rows[plain & two_extremes], ["arch", "batch_size"]), "train_steps", "setting"),
+            "table5": table_by(dominant(rows[rs_strategies], ["arch", "batch_size"]), "setting", "train_steps"),
+            "table6": table_by(dominant(rows[(rows["clean_ratio"] == 0) & rows["running_stats"].astype(bool)],
+                                        ["arch", "train_steps"], rows), "batch_size", "setting"),
+            "table7": table7(rows),
+        }
+        for name, table in built.items():
+            table = table.reset_index() if name in ("table4", "table5", "table6") else table
+            write_table(table, f"{name}_{source}", folder)
+            tables[f"{name}_{source}"] = table
+    return tables

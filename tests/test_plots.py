@@ -1,0 +1,99 @@
+"""The plotting functions on the paper's own numbers: every panel present, plotted values equal the CSV's."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from advkit import bnstats, plots, results
+from conftest import fmnist_model
+
+TABLE7 = pd.read_csv(results.PAPER_DIR / "table7.csv")
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return results.paper_results()
+
+
+def _paper_rows(**where):
+    rows = TABLE7
+    for k, v in where.items():
+        rows = rows[rows[k] == v]
+    return rows
+
+
+def test_paper_numbers_load_into_the_analysis_schema(paper):
+    assert list(paper.columns) == results.SCHEMA
+    assert len(paper) == len(TABLE7) * 6 + 4
+    assert set(paper["source"]) == {"paper"} and paper["accuracy"].between(0, 100).all()
+
+
+def test_figure1_plots_pgd2000_against_clean_ratio(paper, tmp_path):
+    fig = plots.figure1(paper, tmp_path)
+    expected = _paper_rows(network="resnet152", batch_size=4096, train_pgd_steps=30, norm="bn", alp=0,
+                           running_stats=0).sort_values("clean_ratio")
+    line = fig.axes[0].lines[0]
+    assert np.allclose(line.get_xdata(), expected["clean_ratio"] * 100)
+    assert np.allclose(line.get_ydata(), expected["pgd2000"])
+    assert "sweeps/fmnist/figure1.yaml" in fig.axes[1].texts[0].get_text()  # the kit panel says how to fill it
+    assert (tmp_path / "figure1.png").stat().st_size > 0 and (tmp_path / "figure1.pdf").exists()
+
+
+@pytest.mark.parametrize("figure, norm, n_lines", [(plots.figure2, "bn", 3), (plots.figure3, "mbn_adv", 2)])
+def test_figures_2_3_plot_the_curves(paper, tmp_path, figure, norm, n_lines):
+    fig = figure(paper, tmp_path)
+    lines = [l for l in fig.axes[0].lines if len(l.get_xdata()) == 5]
+    assert len(lines) == n_lines
+    expected = _paper_rows(network="resnet152", batch_size=4096, train_pgd_steps=30, norm=norm, running_stats=0)
+    if norm == "bn":
+        expected = expected[expected["clean_ratio"].isin([0.0, 1.0])]
+    curves = {tuple(np.round(l.get_ydata(), 1)) for l in lines}
+    assert curves == {tuple(r) for r in expected[["pgd10", "pgd20", "pgd100", "pgd500", "pgd2000"]].to_numpy()}
+    assert all(list(l.get_xdata()) == [10, 20, 100, 500, 2000] for l in lines)
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_figure7_depth(paper, tmp_path):
+    fig = plots.figure7(paper, tmp_path)
+    ys = sorted((tuple(l.get_xdata()), tuple(l.get_ydata())) for ax in fig.axes for l in ax.lines
+                if len(l.get_xdata()) > 1)
+    assert ((152, 200, 338, 518, 638), (42.2, 43.8, 44.6, 46.2, 46.7)) in ys
+    assert ((152, 338), (78.9, 79.4)) in ys
+
+
+def test_tables_rebuild_the_papers_differences(paper, tmp_path):
+    tables = plots.all_tables(paper, tmp_path)
+    t1 = tables["table1_paper"]
+    assert t1["accuracy"].tolist() == [78.9, 79.3, 78.4, 39.2, 38.3, 35.3]
+    assert t1["difference"].tolist() == [0.0, 0.4, -0.5, 0.0, -0.9, -3.9]
+    t2 = tables["table2_paper"].set_index("setting")["difference"]
+    assert t2.to_dict() == {"100% adv + 0% clean": 3.0, "MBN_adv, 100% adv + 100% clean": 1.6,
+                            "MBN_adv, 100% adv + 100% clean, ALP": 2.8}
+    t4 = tables["table4_paper"].set_index("train_steps")
+    assert t4.loc[20, "100% adv + 100% clean"] == 13.6 and t4.loc[5, "MBN_adv, 100% adv + 100% clean, ALP"] == 32.9
+    t6 = tables["table6_paper"].set_index("batch_size").iloc[:, 0].to_dict()
+    assert t6 == {512: 42.0, 1024: 43.1, 2048: 43.3, 4096: 42.2, 8192: 41.9}
+    t7 = tables["table7_paper"]
+    assert t7["PGD-2000"].notna().sum() == len(TABLE7)  # plus the clean-only rows of Table 1 and Section 5
+    assert t7["PGD-2000"].sum() == pytest.approx(TABLE7["pgd2000"].sum())
+    assert (tmp_path / "table7_paper.md").read_text().startswith("| arch")
+
+
+def test_figures_5_6_from_real_bn_statistics(tmp_path):
+    model = fmnist_model(norm="mbn").train()
+    model(torch.rand(32, 1, 28, 28))
+    batches = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=6, steps=2, step=8)
+    fig5 = plots.figure5(table, tmp_path)
+    assert len(fig5.axes[0].patches) >= 12  # 6 channels x 2 branches
+    heights = sorted(round(p.get_height(), 5) for p in fig5.axes[1].patches if p.get_height())
+    expected = sorted(round(v, 5) for v in table[(table["figure"] == 5) & (table["statistic"] == "var")]["value"])
+    assert heights == expected
+    plots.figure6(table, tmp_path)
+    empty = plots.figure6(pd.DataFrame(), tmp_path)
+    assert "no kit results" in empty.axes[0].texts[0].get_text()
