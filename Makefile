@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 FMNIST := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup test demo figures clean-runs
 
@@ -28,7 +29,15 @@ $(FMNIST): | $(INSTALLED)
 	fi
 	$(VENV)/bin/advkit data
 
-test: setup
+# Debian's Chromium for the explorer's browser test (Playwright drives it; browser downloads do not work here)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "apt-get could not install chromium: the browser test will fail (ADVKIT_SKIP_BROWSER=1 skips it)"; \
+	else echo "install Debian's chromium for the browser test, or set ADVKIT_SKIP_BROWSER=1"; fi
+
+test: setup $(CHROMIUM)
 	$(VENV)/bin/pytest
 
 demo: setup

@@ -172,26 +172,35 @@ def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     return side_by_side(frame, select, draw, "figure7", "Figure 7: depth, adversarial against clean training", folder)
 
 
+def _statistics_figure(rows: pd.DataFrame, name: str, title: str, draw: Callable, folder) -> plt.Figure:
+    """Mean and variance panels of a BN-statistics figure (kit only: the paper gives no numbers for them)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, statistic in zip(axes, ("mean", "var")):
+        if rows.empty:
+            _panel(ax, "kit", rows, None, name, title)
+            continue
+        part = rows[rows["statistic"] == statistic]
+        draw(ax, part, statistic)
+        ax.set_xlabel(f"channel of {part['layer'].iloc[0]}")
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(f"{title} (paper: no published numbers)", fontsize=10)
+    fig.tight_layout()
+    save(fig, name, folder)
+    return fig
+
+
 def figure5(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
-    """Figure 5: running mean and variance of MBN_clean against MBN_adv on the sampled channels (kit only: the
-    paper publishes no numbers for it)."""
+    """Figure 5: running mean and variance of MBN_clean against MBN_adv on the sampled channels."""
     rows = bnstats[bnstats["figure"] == 5] if not bnstats.empty else bnstats
     if "strategy" in rows:  # several runs: one setting, seeds pooled
         rows = dominant(rows, ["dataset", "arch", "layer", "strategy", "running_stats"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    if rows.empty:
-        for ax in axes:
-            _panel(ax, "kit", rows, None, "figure5", "Figure 5")
-    else:
-        for ax, statistic in zip(axes, ("mean", "var")):
-            part = rows[rows["statistic"] == statistic].assign(BN=lambda d: "MBN_" + d["branch"])
-            sns.barplot(data=part, x="channel", y="value", hue="BN", ax=ax, errorbar=("ci", 95))
-            ax.set(ylabel=f"running {statistic}", xlabel=f"channel of {part['layer'].iloc[0]}")
-            ax.tick_params(axis="x", labelsize=6)
-    fig.suptitle("Figure 5: running statistics of MBN_clean and MBN_adv (paper: no published numbers)", fontsize=10)
-    fig.tight_layout()
-    save(fig, "figure5", folder)
-    return fig
+
+    def draw(ax, part, statistic):
+        sns.barplot(data=part.assign(BN="MBN_" + part["branch"]), x="channel", y="value", hue="BN", ax=ax,
+                    errorbar=("ci", 95))
+        ax.set_ylabel(f"running {statistic}")
+
+    return _statistics_figure(rows, "figure5", "Figure 5: running statistics of MBN_clean and MBN_adv", draw, folder)
 
 
 def figure6(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
@@ -200,23 +209,14 @@ def figure6(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
     if "strategy" in rows:  # the paper's model: 100% adv + 0% clean, plain BN, where there is one
         madry = rows[(rows["strategy"] == "100% adv + 0% clean") & (rows["norm"] == "bn")]
         rows = dominant(madry if not madry.empty else rows, ["dataset", "arch", "layer", "strategy", "running_stats"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    if rows.empty:
-        for ax in axes:
-            _panel(ax, "kit", rows, None, "figure6", "Figure 6")
-    else:
-        for ax, statistic in zip(axes, ("mean", "var")):
-            part = rows[rows["statistic"] == statistic]
-            sns.pointplot(data=part, x="channel", y="value", hue="source", linestyles="none", ax=ax,
-                          errorbar=("ci", 95), dodge=0.3, markersize=3)
-            ax.set(ylabel=f"{statistic} ({'unbiased, like running_var' if statistic == 'var' else 'per channel'})",
-                   xlabel=f"channel of {part['layer'].iloc[0]}")
-            ax.tick_params(axis="x", labelsize=6)
-    fig.suptitle("Figure 6: batch statistics of adversarial mini-batches against running statistics "
-                 "(paper: no published numbers)", fontsize=10)
-    fig.tight_layout()
-    save(fig, "figure6", folder)
-    return fig
+
+    def draw(ax, part, statistic):
+        sns.pointplot(data=part, x="channel", y="value", hue="source", linestyles="none", ax=ax,
+                      errorbar=("ci", 95), dodge=0.3, markersize=3)
+        ax.set_ylabel(f"{statistic} ({'unbiased, like running_var' if statistic == 'var' else 'per channel'})")
+
+    return _statistics_figure(rows, "figure6", "Figure 6: batch against running statistics of adversarial "
+                              "mini-batches", draw, folder)
 
 
 # ---------------------------------------------------------------- tables
