@@ -142,11 +142,12 @@ def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """Figures 5-6 statistics of a trained run: two seeded random training mini-batches (at most 256 images),
     attacked with the run's training attack."""
     from . import data
-    from .train import resolve_device
+    from .distributed import context
+    from .train import resolve_rank_device
 
     if not norm.batch_norms(model):
         return pd.DataFrame()
-    device = resolve_device(cfg)
+    device = resolve_rank_device(cfg, context())
     loader = data.make_loader(cfg.dataset, "train", min(cfg.batch_size, 256), n=cfg.n_train, seed=cfg.seed + 1,
                               root=cfg.data_root, augment=False)
     batches = []

@@ -101,7 +101,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool | None = None  # None: on for CUDA, off for CPU
     channels_last: bool | None = None  # None: on for CUDA, off for CPU
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training forward pass
+    gpus: int = 1  # processes to launch with torchrun from the notebook (one per GPU; gloo on CPU)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA); default: BN statistics per replica, as the paper
 
     @property
     def run_dir(self) -> Path:
@@ -197,6 +199,14 @@ def config_from_parameters(parameters: dict[str, Any]) -> Config:
     return make_config(preset, **overrides)
 
 
+def config_from_file(path: str | Path) -> Config:
+    """The Config saved in a JSON file (``config.json`` of a run folder: its derived keys are dropped)."""
+    values = json.loads(Path(path).read_text())
+    for derived in ("strategy", "run_dir"):
+        values.pop(derived, None)
+    return make_config(None, **values)
+
+
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Check every parameter and combination; raise ValueError naming the parameter, the value, what is accepted."""
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
@@ -218,7 +228,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     for name in ("seed", "train_steps", "num_workers", "checkpoint_every_steps", "running_stats_epochs", "sanity_n",
                  "bnstats_channels"):
         check_range(name, getattr(cfg, name), 0, integer=True)
-    for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups", "eval_restarts"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups", "eval_restarts", "gpus"):
         check_range(name, getattr(cfg, name), 1, integer=True)
     for name in ("n_train", "n_test"):
         if getattr(cfg, name) is not None:
@@ -250,6 +260,12 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         raise ValueError("finetune_bn=True needs init_checkpoint: the model whose BN layers are finetuned")
     if check_paths and cfg.init_checkpoint and not Path(cfg.init_checkpoint).exists():
         raise ValueError(f"init_checkpoint={cfg.init_checkpoint!r} does not exist")
+    if cfg.sync_bn and cfg.norm != "bn":
+        raise ValueError(f"sync_bn=True is not accepted with norm={cfg.norm!r}: Mixture BN keeps each branch's "
+                         "statistics apart and GroupNorm has none; use norm='bn' or sync_bn=False")
+    if cfg.batch_size % cfg.gpus:
+        raise ValueError(f"batch_size={cfg.batch_size} is not accepted with gpus={cfg.gpus}: the global batch must "
+                         "divide evenly between the processes")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import attacks, data, norm
+from . import attacks, data, distributed, norm
 from .validate import check_choice, check_range
 
 PAPER_CHECKPOINTS = (10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -115,35 +115,41 @@ def robustness_curve(
 
     Returns numpy arrays ``clean`` (n,), ``final`` and ``worst`` (len(checkpoints), n), ``labels`` (n,),
     ``checkpoints``. With ``save_dir`` every batch's result is saved as it completes and reused when the same
-    evaluation runs again, so an interrupted evaluation resumes from its saved batches.
+    evaluation runs again, so an interrupted evaluation resumes from its saved batches. Under torchrun each
+    rank attacks every world_size-th batch and the results are gathered exactly, in order, on every rank.
     """
     checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
     autocast_ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
     if save_dir is not None:
         save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-    parts: dict[str, list] = {"clean": [], "final": [], "worst": [], "labels": []}
+        save_dir.mkdir(parents=True, exist_ok=True)  # every rank: exist_ok makes the race harmless
+    ctx = distributed.context()
+    mine: dict[int, dict[str, torch.Tensor]] = {}
     for batch_index, batch in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
+        if batch_index % ctx.world_size != ctx.rank:  # under torchrun: every rank its share, none dropped
+            continue
         saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
         if saved is not None and saved.exists():
-            result = torch.load(saved, weights_only=True)
-        else:
-            images, labels = data.to_device(batch, device, channels_last)
-            with autocast_ctx:
-                with torch.no_grad(), attacks.attack_mode(model):
-                    clean = model(images).argmax(1) == labels
-                final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
-                                           targeted=targeted, restarts=restarts, step_rule=step_rule,
-                                           num_classes=num_classes, seed=seed, batch_index=batch_index)
-            result = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
-            if saved is not None:
-                tmp = saved.with_suffix(".tmp")
-                torch.save(result, tmp)
-                tmp.replace(saved)
-        for key in parts:
-            parts[key].append(result[key])
-    return {"clean": torch.cat(parts["clean"]).numpy(), "final": torch.cat(parts["final"], 1).numpy(),
-            "worst": torch.cat(parts["worst"], 1).numpy(), "labels": torch.cat(parts["labels"]).numpy(),
+            mine[batch_index] = torch.load(saved, weights_only=True)
+            continue
+        images, labels = data.to_device(batch, device, channels_last)
+        with autocast_ctx:
+            with torch.no_grad(), attacks.attack_mode(model):
+                clean = model(images).argmax(1) == labels
+            final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
+                                       targeted=targeted, restarts=restarts, step_rule=step_rule,
+                                       num_classes=num_classes, seed=seed, batch_index=batch_index)
+        mine[batch_index] = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
+        if saved is not None:
+            tmp = saved.with_suffix(f".tmp{ctx.rank}")
+            torch.save(mine[batch_index], tmp)
+            tmp.replace(saved)
+    results = {i: r for part in distributed.gather(mine, ctx) for i, r in part.items()}
+    ordered = [results[i] for i in sorted(results)]
+    return {"clean": torch.cat([r["clean"] for r in ordered]).numpy(),
+            "final": torch.cat([r["final"] for r in ordered], 1).numpy(),
+            "worst": torch.cat([r["worst"] for r in ordered], 1).numpy(),
+            "labels": torch.cat([r["labels"] for r in ordered]).numpy(),
             "checkpoints": np.array(checkpoints)}
 
 
@@ -157,11 +163,12 @@ def curve_table(curve: dict[str, np.ndarray], **columns) -> pd.DataFrame:
     return pd.DataFrame([columns | row | {"n": n} for row in rows])
 
 
-def _spec_dir(root: Path, spec: dict) -> Path:
+def _spec_dir(root: Path, spec: dict, write: bool = True) -> Path:
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     folder = root / f"{spec['branch']}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+    if write:
+        (folder / "spec.json").write_text(json.dumps(spec, indent=2))
     return folder
 
 
@@ -170,9 +177,9 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
 
     Per-example results go to ``<run>/eval/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
     """
-    from .train import autocast, resolve_device, uses_channels_last
+    from .train import autocast, resolve_rank_device, uses_channels_last
 
-    device = resolve_device(cfg)
+    device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
     branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
@@ -181,7 +188,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
         spec = dict(branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps, step=cfg.eval_step,
                     restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.seed, n=cfg.n_test,
                     checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset)
-        folder = _spec_dir(cfg.run_dir / "eval", spec)
+        folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             curve = robustness_curve(
                 model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=cfg.eval_checkpoints,
@@ -189,7 +196,8 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
                 step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
                 save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}")
-        np.savez_compressed(folder / "examples.npz", **curve)
+        if distributed.context().main:
+            np.savez_compressed(folder / "examples.npz", **curve)
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
                                   step=cfg.eval_step, step_rule=cfg.eval_step_rule, restarts=cfg.eval_restarts,
                                   seed=cfg.seed))
@@ -263,9 +271,10 @@ def sanity_checks(
 
 def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """:func:`sanity_checks` on the first ``cfg.sanity_n`` test images of the run, through every MBN branch."""
-    from .train import resolve_device
+    from .distributed import context
+    from .train import resolve_rank_device
 
-    device = resolve_device(cfg)
+    device = resolve_rank_device(cfg, context())
     loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.seed, root=cfg.data_root)
     images, labels = data.to_device(next(iter(loader)), device)
     checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]

@@ -1,0 +1,85 @@
+"""Distributed runs: torchrun's environment, a few collectives, and launching torchrun from a notebook.
+
+Launch a run on N processes of one machine with ``torchrun --nproc_per_node=N -m advkit.train CONFIG.json``
+(across machines add the usual ``--nnodes``, ``--node_rank``, ``--rdzv_backend=c10d --rdzv_endpoint=HOST:PORT``).
+NCCL on CUDA, gloo on CPU (the tests run 2 gloo processes on a CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env() -> Context:
+    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return context()
+
+
+def context() -> Context:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Context()
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_sum(values: list[float], ctx: Context) -> list[float]:
+    """Element-wise sum over ranks (float64, on the CPU: these are a handful of counters)."""
+    if not ctx.active:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather(obj: Any, ctx: Context) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.active:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def launch(config_path: str | Path, nproc: int, tail_lines: int = 60) -> None:
+    """Run ``torchrun --nproc_per_node=nproc -m advkit.train config_path``, streaming its output; a failing rank
+    raises RuntimeError carrying the end of the output (with the rank's traceback)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "advkit.train", str(config_path)]
+    tail: deque[str] = deque(maxlen=tail_lines)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed run failed (exit {proc.returncode}): {' '.join(command)}\n" + "".join(tail))
