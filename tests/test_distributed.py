@@ -65,3 +65,25 @@ def test_a_failing_rank_fails_the_notebook_cell_with_its_traceback(tmp_path):
 def test_impossible_distributed_combinations_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config("test", **overrides)
+
+
+def test_paper_preset_pipeline_on_a_tiny_generated_imagefolder(tmp_path):
+    """A pipeline test only: the `paper` preset (ImageNet, ResNet, targeted PGD, step schedule) end to end on
+    a generated ImageFolder of 2 classes, scaled down to seconds. It proves the plumbing, not the science."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, cls in enumerate(("n01440764", "n01443537")):
+            (tmp_path / "imagenet" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (256 + 8 * i, 240), (40 * i, 120 * c, 200)).save(
+                    tmp_path / "imagenet" / split / cls / f"{i}.png")
+    cfg = make_config("paper", name="paper-pipeline", runs_root=str(tmp_path / "runs"),
+                      data_root=str(tmp_path / "imagenet"), arch="resnet50", n_train=8, n_test=8, batch_size=4,
+                      eval_batch_size=4, epochs=1, warmup_epochs=0, lr_decay_epochs=[1], train_steps=1,
+                      eval_checkpoints=[1], num_workers=0, checkpoint_every_steps=0, sanity_n=4, bnstats_channels=4)
+    table = train.run(cfg, show_progress=False)
+    assert set(table["steps"]) == {0, 1} and set(table["n"]) == {8}
+    metrics = _metrics(cfg.run_dir)
+    assert metrics[0]["images_per_s"] > 0 and 0 < metrics[0]["attack_share"] < 1
+    assert (cfg.run_dir / "bnstats.csv").exists() and (cfg.run_dir / "sanity.csv").exists()
