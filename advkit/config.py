@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   lr=0.1, warmup_epochs=5, lr_decay_epochs=[35, 70, 95], weight_decay=1e-4, train_steps=30,
                   train_step=1.0, num_workers=8, checkpoint_every_steps=1000),
     # the embedded default, sized for make demo on 2 CPU cores
-    "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=8192, n_test=500, epochs=4,
+    "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=6144, n_test=500, epochs=4,
                  batch_size=128, lr=0.2, warmup_epochs=0.5, lr_decay_epochs=[3], train_steps=5, train_step=4.0,
                  eval_checkpoints=[5, 10, 20, 50], eval_step=2.0, sanity_n=128),
     # seconds on a CPU
