@@ -2,9 +2,9 @@
 Chromium (Debian's package, driven by Playwright), all cells run, a widget changed, the plot checked, a
 screenshot saved. Set ADVKIT_SKIP_BROWSER=1 to skip it on a machine without Chromium (CI installs it)."""
 
+import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +32,11 @@ def jupyterlab(tmp_path):
     token = secrets.token_hex(16)
     served = tmp_path / "served"  # a copy: JupyterLab's autosave must never write outputs into the repository
     served.mkdir()
-    shutil.copy(project_root() / "notebooks" / "explore.ipynb", served / "explore.ipynb")
+    notebook = json.loads((project_root() / "notebooks" / "explore.ipynb").read_text())
+    for cell in notebook["cells"]:  # an empty runs root: the selection is the paper's models, whatever ran before
+        if "parameters" in cell["metadata"].get("tags", []):
+            cell["source"] = f"runs_root = {str(tmp_path / 'no-runs')!r}"
+    (served / "explore.ipynb").write_text(json.dumps(notebook))
     jupyter = Path(sys.executable).parent / "jupyter"
     proc = subprocess.Popen(
         [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
