@@ -3,6 +3,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,12 @@ from advkit import bnstats, plots, results
 from conftest import fmnist_model
 
 TABLE7 = pd.read_csv(results.PAPER_DIR / "table7.csv")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    matplotlib.pyplot.close("all")
 
 
 @pytest.fixture(scope="module")
