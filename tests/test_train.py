@@ -215,3 +215,14 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
     resumed = train.train(make_config("test", name="crashed", resume=True, **kw), show_progress=False)
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """compile=True (torch.compile of the training forward, opt-in) trains the same function on the CPU."""
+    kw = dict(runs_root=str(tmp_path), epochs=1, n_train=128, batch_size=32, norm="mbn", clean_ratio=0.5)
+    eager = train.train(make_config("test", name="eager", **kw), show_progress=False)
+    compiled = train.train(make_config("test", name="compiled", compile=True, **kw), show_progress=False)
+    loss = [json.loads((tmp_path / n / "metrics.jsonl").read_text())["loss"] for n in ("eager", "compiled")]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-3)
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name
