@@ -66,7 +66,7 @@ def running_statistics(model: nn.Module, layer: str, channels: list[int]) -> pd.
     branches = list(norm.BRANCHES) if isinstance(module, MixtureBatchNorm2d) else ["-"]
     rows = []
     for branch in branches:
-        bn = _bn_of(module, branch) if branch != "-" else module
+        bn = _bn_of(module, branch)
         for c in channels:
             rows.append(dict(branch=branch, channel=c, source="running", statistic="mean",
                              value=bn.running_mean[c].item(), convention="running"))

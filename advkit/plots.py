@@ -264,6 +264,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
     and MBN_adv, with and without ALP (no running statistics)."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
     rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps"], frame), rows[rows["adv_ratio"] == 0]])
+    strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
     out = []
     for label, part, steps in [
         ("0% adv + 100% clean", rows[(rows["adv_ratio"] == 0) & (rows["norm"] == "bn")], 0),
@@ -275,7 +276,6 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
         ("MBN_adv, 100% adv + 100% clean, ALP", rows[(rows["branch"] == "adv") & rows["alp"].astype(bool)
                                                      & (rows["clean_ratio"] == 1)], None),
     ]:
-        strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
         out.append(dict(strategy=label, metric="clean" if steps == 0 else f"PGD-{strongest}",
                         accuracy=round(_accuracy_at(part, steps), 1)))
     table = pd.DataFrame(out)
