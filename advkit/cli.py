@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("file")
     p_sweep.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     p_sweep.add_argument("--check", action="store_true", help="validate the file and list its points; run nothing")
+    p_sweep.add_argument("--shard", default="0/1", metavar="I/N",
+                         help="run only shard I of N (0-based), e.g. 0/2 and 1/2 in two processes (default: 0/1)")
     p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table")
     p_sum.add_argument("root")
     p_fig = sub.add_parser("figures", help="execute every analysis notebook headlessly: figures and tables")
@@ -30,13 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_fashion_mnist(args.root, download=not args.no_download))
         return 0
     if args.command == "sweep":
-        from .sweep import load_sweep, run_sweep
+        from .sweep import load_sweep, run_sweep, shard_points
 
+        try:
+            shard, shards = (int(part) for part in args.shard.split("/"))
+        except ValueError:
+            parser.error(f"--shard={args.shard!r} is not accepted; give I/N with integers, e.g. 0/2")
         if args.check:
-            for point in load_sweep(args.file):
+            for point in shard_points(load_sweep(args.file), shard, shards):
                 print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
             return 0
-        outcome = run_sweep(args.file, kernel=args.kernel)
+        outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
         return 1 if outcome["failed"] else 0
     if args.command == "figures":
         from .figures import run_analysis_notebooks

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from .config import Config, make_config, project_root
+from .validate import check_range
 
 SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
 
@@ -36,6 +37,7 @@ SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
 class Point:
     config: Config
     notebook: Path
+    source: str | None = None  # the earlier point this one starts from (init_checkpoint: run:<name>)
 
     @property
     def output(self) -> Path:
@@ -92,7 +94,7 @@ def load_sweep(path: str | Path) -> list[Point]:
                 cfg = make_config(preset, check_paths=not from_sweep, **values)
             except ValueError as exc:
                 raise ValueError(f"sweep file {path}, point {values['name']!r}: {exc}") from None
-            points.append(Point(cfg, notebook))
+            points.append(Point(cfg, notebook, wanted if from_sweep else None))
     names = [p.config.name for p in points]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -100,12 +102,25 @@ def load_sweep(path: str | Path) -> list[Point]:
     return points
 
 
-def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True) -> dict[str, list]:
-    """Run every unfinished point through papermill; return {'done': [...], 'skipped': [...], 'failed': [...]}."""
+def shard_points(points: list[Point], shard: int, shards: int) -> list[Point]:
+    """The points that shard ``shard`` of ``shards`` runs: every ``shards``-th point, each finetuning point in
+    the shard of the point it starts from (which runs earlier in the same shard). Shards share nothing else,
+    so they can run at once (one per GPU, or one per CPU core with one thread each)."""
+    check_range("shards", shards, 1, integer=True)
+    check_range("shard", shard, 0, shards - 1, integer=True)
+    owner: dict[str, int] = {}
+    for index, point in enumerate(points):
+        owner[point.config.name] = owner[point.source] if point.source else index % shards
+    return [p for p in points if owner[p.config.name] == shard]
+
+
+def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
+              shards: int = 1) -> dict[str, list]:
+    """Run every unfinished point (of one shard) through papermill; return {'done', 'skipped', 'failed'} lists."""
     import papermill
 
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
-    for point in load_sweep(path):
+    for point in shard_points(load_sweep(path), shard, shards):
         cfg = point.config
         if (cfg.run_dir / "results.csv").exists():
             outcome["skipped"].append(cfg.name)

@@ -114,3 +114,21 @@ points:
                  "  - {name: ft, finetune_bn: true, init_checkpoint: 'run:nothing', adv_ratio: 0, clean_ratio: 1}\n")
     with pytest.raises(ValueError, match=r"init_checkpoint='run:nothing' names no earlier point"):
         sweep.load_sweep(bad)
+
+
+def test_shards_split_the_points_and_keep_finetuning_with_its_source(tmp_path):
+    f = _write(tmp_path / "ft.yaml", f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: [0, 1, 2]}}
+points:
+  - {{name: adv, clean_ratio: 0}}
+  - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
+""")
+    points = sweep.load_sweep(f)
+    shards = [[p.config.name for p in sweep.shard_points(points, i, 2)] for i in range(2)]
+    assert shards == [["adv-seed0", "adv-seed2", "ft-seed0", "ft-seed2"], ["adv-seed1", "ft-seed1"]]
+    assert sorted(shards[0] + shards[1]) == sorted(p.config.name for p in points)
+    for bad in [(2, 2), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="shard"):
+            sweep.shard_points(points, *bad)
