@@ -7,7 +7,7 @@ FMNIST := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup test demo figures clean-runs
+.PHONY: setup test demo figures bench clean-runs
 
 setup: $(INSTALLED) $(FMNIST)
 
@@ -48,6 +48,10 @@ demo: setup
 # every analysis notebook through papermill: the paper's panels, and the kit's for whatever runs exist
 figures: setup
 	$(VENV)/bin/advkit figures --runs runs --out figures
+
+# speed and memory against the physical floor and torchattacks (not part of make test; about 10 minutes on 2 cores)
+bench: setup
+	$(VENV)/bin/python -m advkit.bench
 
 clean-runs:
 	rm -rf runs/demo

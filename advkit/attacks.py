@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fold import fold_batch_norms
 from .norm import batch_norms
 from .validate import check_choice, check_range
 
@@ -38,11 +39,13 @@ def effective_step(eps: float, step: float, steps: int, step_rule: str = "fixed"
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module, bn_mode: str = "running") -> Iterator[nn.Module]:
+def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = False) -> Iterator[nn.Module]:
     """Run ``model`` for an attack: eval mode ('running') or BNs on batch statistics ('batch'); no parameter grads.
 
-    On exit every module's train flag, every BN buffer (in 'batch' mode, where the forward passes would update
-    them) and every parameter's ``requires_grad`` are restored.
+    Yields the module to attack: ``model``, or with ``fold_bn`` in 'running' mode its BN-folded view (the same
+    function with every conv -> BN pair as one conv, see :mod:`advkit.fold`). On exit every module's train flag,
+    every BN buffer (in 'batch' mode, where the forward passes would update them) and every parameter's
+    ``requires_grad`` are restored.
     """
     check_choice("bn_mode", bn_mode, BN_MODES)
     training = {m: m.training for m in model.modules()}
@@ -56,7 +59,7 @@ def attack_mode(model: nn.Module, bn_mode: str = "running") -> Iterator[nn.Modul
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        yield model
+        yield fold_batch_norms(model) if fold_bn and bn_mode == "running" else model
     finally:
         for m, flag in training.items():
             m.training = flag
@@ -170,6 +173,7 @@ def pgd(
     start_per_example: bool = False,
     step_rule: str = "fixed",
     bn_mode: str = "running",
+    fold_bn: bool = True,
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -178,7 +182,8 @@ def pgd(
     Targeted attacks (the paper's protocol) draw a random target other than the label for every example on
     every call (and restart) unless ``targets`` is given; they need ``num_classes``. Each restart starts afresh;
     an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
-    Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0).
+    Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0). With ``bn_mode='running'``
+    the attack runs a BN-folded view of the model unless ``fold_bn=False`` (same function, fewer operations).
     """
     check_pgd_arguments(eps, step, steps, clean_start_prob, restarts, step_rule, bn_mode)
     if targeted and targets is None and num_classes is None:
@@ -191,13 +196,13 @@ def pgd(
                   start_per_example=start_per_example, generator=generator)
     images = images.detach()
     best = None
-    with attack_mode(model, bn_mode):
+    with attack_mode(model, bn_mode, fold_bn) as attacked:
         for _ in range(restarts):
-            x_adv = attack_once(model, images, labels, **kwargs)
+            x_adv = attack_once(attacked, images, labels, **kwargs)
             if best is None:
                 best = x_adv
             else:
                 with torch.no_grad():
-                    still_correct = model(best).argmax(1) == labels
+                    still_correct = attacked(best).argmax(1) == labels
                 best = torch.where(still_correct.view(-1, *[1] * (images.dim() - 1)), x_adv, best)
     return best

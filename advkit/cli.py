@@ -1,5 +1,6 @@
 """Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit sweep FILE``, ``advkit summary ROOT``,
-``advkit figures`` (every analysis notebook through papermill)."""
+``advkit study`` (export the study's runs, print its claims), ``advkit figures`` (every analysis notebook through
+papermill)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="run only shard I of N (0-based), e.g. 0/2 and 1/2 in two processes (default: 0/1)")
     p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table")
     p_sum.add_argument("root")
+    p_study = sub.add_parser("study", help="export the study's runs into data/results/study and print the claims")
+    p_study.add_argument("--runs", default="runs/study", help="study runs root (default: runs/study)")
+    p_study.add_argument("--no-export", action="store_true", help="only print the claims of the committed tables")
     p_fig = sub.add_parser("figures", help="execute every analysis notebook headlessly: figures and tables")
     p_fig.add_argument("--runs", default="runs", help="runs root searched recursively (default: runs)")
     p_fig.add_argument("--out", default="figures", help="figures folder (default: figures)")
@@ -44,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
         return 1 if outcome["failed"] else 0
+    if args.command == "study":
+        from . import study
+        from .config import resolve_output
+
+        if not args.no_export:
+            print(study.export(resolve_output(args.runs)))
+        runs, bnstats = study.load()
+        print(study.findings_markdown(study.claims(runs, bnstats)))
+        return 0
     if args.command == "figures":
         from .figures import run_analysis_notebooks
 

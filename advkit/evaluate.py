@@ -55,12 +55,14 @@ def curve_batch(
     num_classes: int | None = None,
     seed: int = 0,
     batch_index: int = 0,
+    fold_bn: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example correctness at every checkpoint: (final-iterate, worst-iterate), each (len(checkpoints), B).
 
     Checkpoints that share an effective step (all of them with the fixed rule) come from one pass; under
     ``step_rule='max_eps_over_steps'`` the short checkpoints whose step is raised get their own runs, each
     starting from the same draws. Restarts: an example is correct only if it survives every restart.
+    ``fold_bn``: attack the BN-folded view of the model (the same function, faster; see :mod:`advkit.fold`).
     """
     checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
     groups: dict[float, list[int]] = {}
@@ -69,7 +71,7 @@ def curve_batch(
     position = {n: i for i, n in enumerate(checkpoints)}
     final = torch.ones(len(checkpoints), len(labels), dtype=torch.bool, device=labels.device)
     worst = final.clone()
-    with attacks.attack_mode(model, "running"):
+    with attacks.attack_mode(model, "running", fold_bn) as attacked:
         for group_step, group in groups.items():
             generator = batch_generator(seed, batch_index, images.device)
             wanted = set(group)
@@ -84,11 +86,11 @@ def curve_batch(
                         worst[position[i]] &= never_broken
 
                 x_last = attacks.attack_once(
-                    model, images, labels, eps=eps, step=group_step, steps=max(group), targeted=targeted,
+                    attacked, images, labels, eps=eps, step=group_step, steps=max(group), targeted=targeted,
                     num_classes=num_classes, targets=None, clean_start_prob=0.0, start_per_example=False,
                     generator=generator, on_logits=record)
                 with torch.no_grad():
-                    record(max(group), model(x_last))
+                    record(max(group), attacked(x_last))
     return final, worst
 
 
@@ -110,6 +112,7 @@ def robustness_curve(
     save_dir: str | Path | None = None,
     show_progress: bool = False,
     desc: str = "curve",
+    fold_bn: bool = True,
 ) -> dict[str, np.ndarray]:
     """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` at each checkpoint.
 
@@ -138,7 +141,7 @@ def robustness_curve(
                 clean = model(images).argmax(1) == labels
             final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
                                        targeted=targeted, restarts=restarts, step_rule=step_rule,
-                                       num_classes=num_classes, seed=seed, batch_index=batch_index)
+                                       num_classes=num_classes, seed=seed, batch_index=batch_index, fold_bn=fold_bn)
         mine[batch_index] = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
         if saved is not None:
             tmp = saved.with_suffix(f".tmp{ctx.rank}")
@@ -195,7 +198,8 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
                 eps=cfg.eval_eps, step=cfg.eval_step, targeted=cfg.eval_targeted, restarts=cfg.eval_restarts,
                 step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
-                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}")
+                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}",
+                fold_bn=cfg.attack_fold_bn)
         if distributed.context().main:
             np.savez_compressed(folder / "examples.npz", **curve)
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,

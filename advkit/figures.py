@@ -17,11 +17,13 @@ def run_analysis_notebooks(runs_root: str = "runs", figures_dir: str = "figures"
     executed_dir = resolve_output(runs_root) / "analysis"
     executed_dir.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, list] = {"done": [], "failed": []}
+    offered = {"runs_root": runs_root, "figures_dir": figures_dir}
     for notebook in sorted(ANALYSIS_DIR.glob("*.ipynb")):
         output = executed_dir / notebook.name
+        declared = papermill.inspect_notebook(str(notebook))  # the study notebook reads committed tables instead
         try:
-            papermill.execute_notebook(str(notebook), str(output), parameters={"runs_root": runs_root,
-                                       "figures_dir": figures_dir}, progress_bar=False, cwd=str(project_root()))
+            papermill.execute_notebook(str(notebook), str(output), parameters={k: v for k, v in offered.items()
+                                       if k in declared}, progress_bar=False, cwd=str(project_root()))
             outcome["done"].append(notebook.name)
         except Exception as exc:  # report them all at the end
             outcome["failed"].append((notebook.name, str(output), f"{type(exc).__name__}: {str(exc)[-300:]}"))

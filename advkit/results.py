@@ -123,7 +123,7 @@ def load_bnstats(root: str | Path) -> pd.DataFrame:
         path = run_dir / "bnstats.csv"
         if run_status(run_dir) == "done" and path.exists() and path.stat().st_size > 1:
             cfg = json.loads((run_dir / "config.json").read_text())
-            frames.append(pd.read_csv(path).assign(run=cfg["name"], strategy=cfg["strategy"], norm=cfg["norm"],
+            frames.append(pd.read_csv(path).assign(run=cfg["name"], run_dir=str(run_dir), strategy=cfg["strategy"], norm=cfg["norm"],
                                                    dataset=cfg["dataset"], arch=cfg["arch"],
                                                    running_stats=cfg["running_stats_epochs"] > 0, seed=cfg["seed"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

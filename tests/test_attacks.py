@@ -47,14 +47,15 @@ def test_attack_leaves_the_model_exactly_as_it_was(fmnist_test, bn_mode, norm_na
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_parameters_get_no_gradient_work_during_the_attack(fmnist_test):
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_parameters_get_no_gradient_work_during_the_attack(fmnist_test, fold_bn):
     x, y = fmnist_test
     model = fmnist_model()
     seen = []
     hook = lambda module, args: seen.append(any(p.requires_grad for p in module.parameters()))
-    model.net.conv1.register_forward_pre_hook(hook)
-    attacks.pgd(model, x[:8], y[:8], steps=2, num_classes=10, generator=_gen())
-    assert seen and not any(seen)
+    model.net.fc.register_forward_pre_hook(hook)  # fc has no BN to fold: the view runs the model's own layer
+    attacks.pgd(model, x[:8], y[:8], steps=2, num_classes=10, generator=_gen(), fold_bn=fold_bn)
+    assert len(seen) == 2 and not any(seen)
 
 
 def test_batch_mode_uses_batch_statistics(fmnist_test):

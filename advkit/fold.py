@@ -1,0 +1,108 @@
+"""BN folding: a BN in running-statistics mode after a convolution is an affine map per channel, so the pair is
+one convolution with scaled weights and a bias. An attack that uses running statistics (every evaluation, and
+training attacks by default) runs such a folded view: the same function with one layer less per pair, in the
+forward and the backward pass.
+
+The view is a ``torch.fx`` trace of the model in which each convolution whose only user is a BatchNorm (a
+Mixture BN's selected branch included: the trace follows ``branch``) is replaced by a new convolution holding
+the folded weights, detached from the model's parameters. The model itself is never modified; the view is a
+snapshot, to be built again after the weights change (O(parameters)). GroupNorm and BN in batch-statistics
+mode are not affine in this sense and stay as they are.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import fx, nn
+
+from .norm import MixtureBatchNorm2d
+
+
+def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one convolution that computes ``bn(conv(x))`` with BN's running statistics."""
+    with torch.no_grad():
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        scale = bn.weight * inv_std if bn.affine else inv_std
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return conv.weight * scale.reshape(-1, 1, 1, 1), bias  # the weight keeps its memory format
+
+
+def _set_folded(fused: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    weight, bias = folded_weights(conv, bn)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = nn.Parameter(bias, requires_grad=False)
+
+
+def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` with BN's running statistics as one convolution (weights detached from both)."""
+    fused = nn.Conv2d(  # on the meta device: no memory, no random initialisation; the weights are replaced
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, bias=True, padding_mode=conv.padding_mode, device="meta")
+    _set_folded(fused, conv, bn)
+    return fused
+
+
+class _Tracer(fx.Tracer):
+    """Traces through Mixture BN (its selected branch becomes the BN of the graph); torch.nn layers are leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return not isinstance(m, MixtureBatchNorm2d) and super().is_leaf_module(m, qualified_name)
+
+
+def _foldable(bn: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats and bn.running_var is not None
+
+
+# model -> (structure key, view, [(folded conv, conv, bn)]): a view is traced once per structure and branch
+_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    """What decides the traced graph: the modules, each Mixture BN's branch and each BN's mode."""
+    return tuple((id(m), getattr(m, "branch", None), m.training) for m in model.modules())
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A view of ``model`` (in eval mode: BN on running statistics) with every conv -> BN pair folded, from the
+    current weights and statistics. Returns ``model`` itself when it has nothing to fold (GroupNorm, or BNs in
+    batch-statistics mode). The trace is cached per model and structure; later calls only refold the weights."""
+    key = _structure_key(model)
+    cached = _views.get(model)
+    if cached is not None and cached[0] == key:
+        _, view, pairs = cached
+        for fused, conv, bn in pairs:
+            _set_folded(fused, conv, bn)
+        return view
+    view, pairs = _trace_and_fold(model)
+    _views[model] = (key, view, pairs)
+    return view
+
+
+def _trace_and_fold(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]]]:
+    graph = _Tracer().trace(model)
+    view = fx.GraphModule(model, graph)
+    modules = dict(view.named_modules())
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    pairs = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not _foldable(modules[node.target]):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and type(modules[source.target]) is nn.Conv2d and calls.count(source.target) == 1):
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        fused = folded_conv(conv, bn)
+        parent, _, name = source.target.rpartition(".")
+        setattr(view.get_submodule(parent) if parent else view, name, fused)
+        pairs.append((fused, conv, bn))
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+    if not pairs:
+        return model, pairs
+    view.delete_all_unused_submodules()
+    view.recompile()
+    return view.eval(), pairs

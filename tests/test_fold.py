@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from advkit import attacks, evaluate, fold, models, norm
+from conftest import fmnist_model
+
+
+def _randomize_statistics(model, seed=0):
+    """BN statistics and affine values far from their initial 0/1, so a wrong fold cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in norm.batch_norms(model):
+            bn.running_mean.copy_(torch.rand(bn.num_features, generator=g) * 2 - 1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 2 + 0.2)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.rand(bn.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch,norm_kind,branch,channels,size", [
+    ("small_resnet8", "bn", None, 1, 28),
+    ("small_resnet20", "mbn", "adv", 1, 28),
+    ("small_resnet20", "mbn", "clean", 1, 28),
+    ("resnet50", "bn", None, 3, 64),
+])
+def test_folded_view_computes_the_same_function_and_leaves_the_model_alone(arch, norm_kind, branch, channels, size):
+    model = _randomize_statistics(models.build_model(arch, 10, norm_kind, in_channels=channels,
+                                                     mean=(0.5,) * channels, std=(0.25,) * channels))
+    if branch:
+        norm.set_branch(model, branch)
+    before = _snapshot(model)
+    view = fold.fold_batch_norms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in view.modules())  # every conv -> BN pair folded
+    x = torch.rand(4, channels, size, size, requires_grad=True)
+    out, out_view = model(x), view(x)
+    torch.testing.assert_close(out_view, out, rtol=1e-4, atol=1e-4)
+    grad, = torch.autograd.grad(out[:, 0].sum(), x)
+    grad_view, = torch.autograd.grad(out_view[:, 0].sum(), x)
+    torch.testing.assert_close(grad_view, grad, rtol=1e-3, atol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    own = {id(p) for p in model.parameters()}  # layers without a BN (fc) are the model's own, shared
+    assert all(not p.requires_grad for p in view.parameters() if id(p) not in own)
+
+
+def test_the_view_follows_later_weight_changes_and_the_selected_branch():
+    model = _randomize_statistics(fmnist_model("small_resnet8", "mbn"))
+    x = torch.rand(4, 1, 28, 28)
+    norm.set_branch(model, "adv")
+    first = fold.fold_batch_norms(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+        model.net.bn1.adv.running_var.mul_(3)
+    again = fold.fold_batch_norms(model)
+    assert again is first  # the trace is reused; only the weights are folded again
+    torch.testing.assert_close(again(x), model(x), rtol=1e-4, atol=1e-4)
+    norm.set_branch(model, "clean")
+    clean_view = fold.fold_batch_norms(model)
+    torch.testing.assert_close(clean_view(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(clean_view(x), first(x))  # the branches differ, and each view follows its own
+
+
+def test_nothing_is_folded_for_group_norm_or_batch_statistics():
+    gn = fmnist_model("small_resnet8", "gn").eval()
+    assert fold.fold_batch_norms(gn) is gn
+    bn = fmnist_model("small_resnet8", "bn")
+    with attacks.attack_mode(bn, "batch", fold_bn=True) as attacked:
+        assert attacked is bn
+    with attacks.attack_mode(bn, "running", fold_bn=True) as attacked:
+        assert attacked is not bn
+    assert bn.training  # attack_mode restored the flag
+
+
+@pytest.mark.parametrize("branch", [None, "adv", "clean"])
+def test_folded_and_unfolded_attacks_agree_on_a_trained_model(clean_trained_model, fmnist_test, branch):
+    """Tolerance that holds: adversarial images are identical except where a gradient entry is so close to zero
+    that float rounding flips its sign (then that example's path drifts); accuracy agrees exactly here."""
+    x, y = fmnist_test[0][:128], fmnist_test[1][:128]
+    model = clean_trained_model
+    if branch:  # an MBN model started from the trained BN weights, its branches made different
+        state = model.state_dict()
+        model = fmnist_model("small_resnet8", "mbn")
+        model.load_state_dict(state)
+        with torch.no_grad():
+            model.net.bn1.clean.running_var.mul_(2)
+        norm.set_branch(model.eval(), branch)
+    kw = dict(eps=16, step=1, steps=10, num_classes=10)
+    folded = attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), fold_bn=True, **kw)
+    plain = attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), fold_bn=False, **kw)
+    same_pixels = ((folded - plain).abs() < 1e-6).float().mean().item()
+    assert same_pixels > 0.999
+    with torch.no_grad():
+        assert torch.equal(model(folded).argmax(1) == y, model(plain).argmax(1) == y)
+    final_folded, _ = evaluate.curve_batch(model, x, y, checkpoints=[3, 10], eps=16, step=1, num_classes=10)
+    final_plain, _ = evaluate.curve_batch(model, x, y, checkpoints=[3, 10], eps=16, step=1, num_classes=10,
+                                          fold_bn=False)
+    assert torch.equal(final_folded.float().mean(1), final_plain.float().mean(1))
