@@ -72,11 +72,12 @@ def test_interrupted_evaluation_resumes_from_saved_batches(clean_trained_model, 
         evaluate.robustness_curve(clean_trained_model, interrupted(), save_dir=tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch_000000.pt", "batch_000001.pt"]
     calls = []
-    clean_trained_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    fc = clean_trained_model.net.fc  # the classifier has no BN: the model and its BN-folded view share it
+    fc.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         resumed = evaluate.robustness_curve(clean_trained_model, loader, save_dir=tmp_path, **kw)
     finally:
-        clean_trained_model._forward_pre_hooks.clear()
+        fc._forward_pre_hooks.clear()
     for key in ("clean", "final", "worst", "labels"):
         assert np.array_equal(resumed[key], reference[key])
     per_batch = 1 + 4 + 1  # clean forward, 4 attack steps, final forward

@@ -1,0 +1,29 @@
+import pandas as pd
+import torch
+
+from advkit import bench
+
+
+def test_rows_pass_or_fail_by_their_target():
+    assert bench.Row("a", "m", 0.9, 1.0).passed and not bench.Row("a", "m", 1.1, 1.0).passed
+    assert bench.Row("b", "m", 6.0, 5.0, higher_is_better=True).passed
+    assert bench.Row("c", "m", 1.0, None).passed is None and "info" in bench.Row("c", "m", 1.0, None).line()
+    assert "ratio=0.900  target<=1  PASS" in bench.Row("a", "m", 0.9, 1.0).line()
+
+
+def test_peak_memory_sees_a_large_allocation():
+    size = 64 * 2**20
+    peak = bench.peak_memory(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))  # 64 MiB of float32
+    assert 0.9 * size < peak < 3 * size
+
+
+def test_every_row_runs_in_quick_mode(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    expected = {"pgd_vs_floor", "pgd_vs_torchattacks", "pgd_folded_vs_unfolded", "pgd_channels_last_vs_default",
+                "curve_one_pass", "train_step_vs_floor", "mbn_vs_bn", "eval_memory", "loader_vs_train"}
+    assert set(table["name"]) == expected
+    assert (table["ratio"] > 0).all()
+    printed = capsys.readouterr().out
+    assert all(f"{name}[" in printed for name in expected)
