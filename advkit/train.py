@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -258,12 +259,14 @@ def _load_plain(source: Path | io.BytesIO, path: Path) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch reports a damaged archive in many ways
-        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights only load failed" in str(exc).lower():
-            raise CheckpointError(f"checkpoint {path} is refused: it holds something other than tensors and plain "
-                                  f"values (code?), and checkpoints load with torch.load(weights_only=True): {said}"
-                                  ) from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(exc).__name__}: {said}") from None
+        text = str(exc)
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if code:
+            raise CheckpointError(f"checkpoint {path} is refused: it refers to {code.group(1)}, not only to tensors "
+                                  "and plain values, and checkpoints load with torch.load(weights_only=True) so that "
+                                  "a file carrying code never runs it") from None
+        said = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0] if text else ""
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {said})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -373,21 +376,21 @@ def train(cfg: Config, show_progress: bool = True) -> nn.Module:
                          "batch must divide evenly between them")
     device = resolve_rank_device(cfg, ctx)
     run_dir = prepare_run_dir(cfg, ctx)
-    if ctx.main:
-        cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
-        write_status(run_dir, "running")
-    distributed.barrier(ctx)
-    try:
-        with sigterm_flag() as sigterm:
+    with sigterm_flag() as sigterm:  # from 'running' on, a SIGTERM stops the run at a step boundary
+        if ctx.main:
+            cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
+            write_status(run_dir, "running")
+        distributed.barrier(ctx)
+        try:
             return _train(cfg, device, run_dir, show_progress and ctx.main, ctx, init_model, sigterm)
-    except TrainingInterrupted as exc:
-        if ctx.main:
-            write_status(run_dir, "interrupted", error=str(exc))
-        raise
-    except BaseException as exc:
-        if ctx.main:
-            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        except TrainingInterrupted as exc:
+            if ctx.main:
+                write_status(run_dir, "interrupted", error=str(exc))
+            raise
+        except BaseException as exc:
+            if ctx.main:
+                write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool, ctx: distributed.Context,

@@ -18,6 +18,7 @@ import torch
 
 from advkit import config, data, sweep, train
 from advkit.config import make_config
+from conftest import train_until_crash
 
 # 2 epochs of 8 batches; deterministic on the CPU. Evaluation kept tiny: the subprocess runs train + evaluation.
 SMALL = dict(n_train=256, batch_size=32, epochs=2, lr_decay_epochs=[1], norm="mbn", clean_ratio=0.5, device="cpu",
@@ -31,22 +32,6 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-def _train_until(cfg, calls: int, exception: type[BaseException] = KeyboardInterrupt, monkeypatch=None):
-    """Train ``cfg`` in this process and make the ``calls``-th training step raise ``exception`` (a crash)."""
-    real, seen = train.training_loss, []
-
-    def crashing(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == calls:
-            raise exception("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "training_loss", crashing)
-    with pytest.raises(exception):
-        train.train(cfg, show_progress=False)
-    monkeypatch.setattr(train, "training_loss", real)
 
 
 def _damage(path: Path, how: str) -> None:
@@ -134,7 +119,8 @@ def test_a_truncated_or_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path,
     train.save_checkpoint(path, {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))})
     train.load_checkpoint(path)
     _damage(path, how)
-    with pytest.raises(train.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is (truncated or corrupt|corrupt: the SHA)"):
+    with pytest.raises(train.CheckpointError,
+                       match=rf"checkpoint {re.escape(str(path))} is (truncated or corrupt|corrupt: the SHA)"):
         train.load_checkpoint(path)
 
 
@@ -156,7 +142,7 @@ def test_a_flipped_byte_in_the_weights_is_caught_by_the_checksum(tmp_path):
 def test_resume_falls_back_to_the_previous_checkpoint_and_ends_bitwise_equal(tmp_path, monkeypatch):
     kw = dict(runs_root=str(tmp_path), checkpoint_every_steps=3, **SMALL)
     straight = train.train(make_config("test", name="straight", **kw), show_progress=False)
-    _train_until(make_config("test", name="crashed", **kw), calls=11, monkeypatch=monkeypatch)
+    train_until_crash(make_config("test", name="crashed", **kw), calls=11, monkeypatch=monkeypatch)
     folder = tmp_path / "crashed" / "checkpoints"
     assert [train.load_checkpoint(folder / n)["step"] for n in ("last.pt", "prev.pt")] == [9, 8]
     _damage(folder / "last.pt", "truncate")
@@ -169,7 +155,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_ends_bitwise_equal(tmp
 
 def test_resume_without_any_good_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     cfg = make_config("test", name="crashed", runs_root=str(tmp_path), checkpoint_every_steps=2, **SMALL)
-    _train_until(cfg, calls=5, monkeypatch=monkeypatch)
+    train_until_crash(cfg, calls=5, monkeypatch=monkeypatch)
     folder = tmp_path / "crashed" / "checkpoints"
     _damage(folder / "last.pt", "truncate")
     (folder / "prev.pt").unlink()
@@ -200,7 +186,8 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path, wrapped):
         state = {"format": train.CHECKPOINT_FORMAT, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                  "payload": torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)}
     torch.save(state, path)
-    with pytest.raises(train.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is refused: .*weights_only=True"):
+    with pytest.raises(train.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is refused: it refers to "
+                                                    r"\S+, not only to tensors.*weights_only=True"):
         train.load_checkpoint(path)
     assert not marker.exists()
 
@@ -266,8 +253,8 @@ def test_sigterm_checkpoints_where_it_is_exits_cleanly_and_resumes_bitwise_equal
     config_path = _saved_config(tmp_path, "termed", checkpoint_every_steps=0)  # only SIGTERM writes mid-epoch
     run_dir, log = tmp_path / "runs" / "termed", tmp_path / "log.txt"
     proc = _start(config_path, log)
-    assert _wait_for(lambda: (run_dir / "status.json").exists(), proc)  # training has started
-    time.sleep(random.Random(15).uniform(0.2, 0.6))
+    assert _wait_for(lambda: (run_dir / "status.json").exists(), proc)  # the handler is in place
+    time.sleep(random.Random(15).uniform(0, 0.3))  # a moment within the first epoch (8 steps of ~0.1 s)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     assert "SIGTERM: training stopped at epoch" in log.read_text() and "--resume" in log.read_text()
@@ -293,9 +280,9 @@ def test_the_sigterm_handler_lives_only_while_training(tmp_path):
 def test_continuing_resumes_restarts_or_starts_as_the_folder_says(tmp_path, monkeypatch):
     cfg = make_config("test", name="r", runs_root=str(tmp_path), checkpoint_every_steps=2, **SMALL)
     assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (False, False)  # no folder yet
-    _train_until(cfg, calls=1, monkeypatch=monkeypatch)  # killed before its first checkpoint
+    train_until_crash(cfg, calls=1, monkeypatch=monkeypatch)  # killed before its first checkpoint
     assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (False, True)
-    _train_until(train.continuing(cfg), calls=4, monkeypatch=monkeypatch)
+    train_until_crash(train.continuing(cfg), calls=4, monkeypatch=monkeypatch)
     assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (True, False)
 
 
@@ -307,6 +294,7 @@ BAD_INPUTS = [
     (dict(clean_ratio=-0.1), r"clean_ratio=-0.1 .*\[0, 1\]"),
     (dict(alpha=1.2), r"alpha=1.2 .*\[0, 1\]"),
     (dict(train_eps=-1.0), r"train_eps=-1.0 .*\[0, 255\]"),
+    (dict(train_eps=300), r"train_eps=300 .*\[0, 255\]"),
     (dict(eval_eps=300), r"eval_eps=300 .*\[0, 255\]"),
     (dict(train_step=256.0), r"train_step=256.0 .*\[0, 255\]"),
     (dict(eval_step=-2.0), r"eval_step=-2.0"),
@@ -314,22 +302,30 @@ BAD_INPUTS = [
     (dict(train_steps=2.5), r"train_steps=2.5 .*integer"),
     (dict(train_clean_start_prob=1.5), r"train_clean_start_prob=1.5 .*\[0, 1\]"),
     (dict(label_smoothing=-0.1), r"label_smoothing=-0.1"),
+    (dict(lr=0), r"lr=0 .*\(0, inf\]"),
     (dict(lr=-0.1), r"lr=-0.1 .*\(0, inf\]"),
     (dict(lr=float("nan")), r"lr=nan .*finite"),
     (dict(epochs=0), r"epochs=0 .*\[1, inf\]"),
     (dict(running_stats_epochs=3), r"running_stats_epochs=3 .*epochs=2"),
     (dict(warmup_epochs=3.0), r"warmup_epochs=3.0 .*\[0, 2\]"),
+    (dict(lr_decay_epochs=[5]), r"lr_decay_epochs=\[5\] .*epochs=2"),
+    (dict(eval_checkpoints=[10, -1]), r"eval_checkpoints=\[10, -1\]"),
+    (dict(eval_restarts=0), r"eval_restarts=0 .*\[1, inf\]"),
     # unknown names
     (dict(strategy="madry"), r"unknown parameter\(s\) \['strategy'\]; valid parameters: .*'adv_ratio'"),
+    (dict(clean_ratoi=0.5), r"unknown parameter\(s\) \['clean_ratoi'\]; valid parameters: .*'clean_ratio'"),
     (dict(adv_ratio=0.5), r"adv_ratio=0.5 .*\[0, 1\]"),
     (dict(norm="batchnorm"), r"norm='batchnorm' .*\['bn', 'mbn', 'gn'\]"),
     (dict(arch="small_resnet9"), r"arch='small_resnet9' .*'small_resnet8'"),
+    (dict(arch="resnet19"), r"arch='resnet19' .*'resnet50'"),
     (dict(dataset="mnist"), r"dataset='mnist' .*'fashion-mnist'"),
     (dict(optimizer="adam"), r"optimizer='adam' .*\['sgd', 'rmsprop'\]"),
     (dict(schedule="cosine"), r"schedule='cosine' .*\['step', 'exp'\]"),
     (dict(device="tpu"), r"device='tpu'"),
+    (dict(eval_step_rule="linear"), r"eval_step_rule='linear' .*'fixed'"),
     # impossible combinations
     (dict(alp_weight=0.5, clean_ratio=0.0), r"alp_weight=0.5 .*clean_ratio=0.0"),
+    (dict(adv_ratio=0, clean_ratio=0.5), r"clean_ratio=0.5 .*adv_ratio=0"),
     (dict(norm="mbn", sync_bn=True), r"sync_bn=True .*norm='mbn'"),
     (dict(batch_size=32, gpus=3), r"batch_size=32 .*gpus=3"),
     (dict(batch_size=512), r"batch_size=512 .*n_train=256"),
@@ -377,7 +373,8 @@ def _typo_through_notebook(tmp_path):
 
 def _typo_through_sweep(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(f"runs_root: {tmp_path / 'runs'}\nbase: {{preset: test}}\npoints:\n  - {{name: a, clean_ratoi: 0.5}}\n")
+    path.write_text(f"runs_root: {tmp_path / 'runs'}\nbase: {{preset: test}}\n"
+                    "points:\n  - {name: a, clean_ratoi: 0.5}\n")
     sweep.load_sweep(path)
 
 
