@@ -208,6 +208,21 @@ def config_from_file(path: str | Path) -> Config:
     return make_config(None, **values)
 
 
+def check_checkpoint_path(path: str) -> None:
+    """Raise ValueError naming ``init_checkpoint`` unless ``path`` is a readable file or a run folder with a
+    checkpoint (its contents are checked when training loads it, still before the run folder is written)."""
+    target = Path(path)
+    if target.is_dir():
+        target = target / "checkpoints" / "last.pt"
+        if not target.exists():
+            raise ValueError(f"init_checkpoint={path!r} is not accepted: the folder holds no checkpoints/last.pt; "
+                             "give a checkpoint file or a run folder that has one")
+    if not target.exists():
+        raise ValueError(f"init_checkpoint={path!r} does not exist; give a checkpoint file or a run folder")
+    if not os.access(target, os.R_OK):
+        raise ValueError(f"init_checkpoint={path!r} is not accepted: {target} is not readable")
+
+
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Check every parameter and combination; raise ValueError naming the parameter, the value, what is accepted."""
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
@@ -246,6 +261,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
             not isinstance(e, int) or not 0 < e <= cfg.epochs for e in cfg.lr_decay_epochs):
         raise ValueError(f"lr_decay_epochs={cfg.lr_decay_epochs!r} is not accepted; give a list of epochs in "
                          f"[1, epochs={cfg.epochs}]")
+    if cfg.n_train is not None and cfg.batch_size > cfg.n_train:
+        raise ValueError(f"batch_size={cfg.batch_size} is not accepted with n_train={cfg.n_train}: an epoch would "
+                         "have no full batch")
     if cfg.running_stats_epochs > cfg.epochs:
         raise ValueError(f"running_stats_epochs={cfg.running_stats_epochs} is not accepted; it must be <= "
                          f"epochs={cfg.epochs}")
@@ -259,8 +277,8 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         raise ValueError("finetune_bn=True is not accepted with norm='gn': the model has no BN to finetune")
     if cfg.finetune_bn and not cfg.init_checkpoint:
         raise ValueError("finetune_bn=True needs init_checkpoint: the model whose BN layers are finetuned")
-    if check_paths and cfg.init_checkpoint and not Path(cfg.init_checkpoint).exists():
-        raise ValueError(f"init_checkpoint={cfg.init_checkpoint!r} does not exist")
+    if check_paths and cfg.init_checkpoint:
+        check_checkpoint_path(cfg.init_checkpoint)
     if cfg.sync_bn and cfg.norm != "bn":
         raise ValueError(f"sync_bn=True is not accepted with norm={cfg.norm!r}: Mixture BN keeps each branch's "
                          "statistics apart and GroupNorm has none; use norm='bn' or sync_bn=False")

@@ -89,6 +89,30 @@ def prepare_fashion_mnist(
     )
 
 
+DATA_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imagenet": "ImageNet"}
+DATA_HINTS = {"fashion-mnist": "run `advkit data` to prepare it there",
+              "cifar10": "put the extracted python version of CIFAR-10 (cifar-10-batches-py) there",
+              "imagenet": "it must hold train/ and val/ with one sub-folder per class"}
+
+
+def check_available(name: str, root: str | Path | None = None) -> None:
+    """Raise FileNotFoundError naming ``data_root`` when data set ``name`` is missing or unreadable under
+    ``root`` (None: the default root). Cheap: the trainer calls it before it writes anything."""
+    check_choice("dataset", name, list(DATASETS))
+    base = Path(root) if root is not None else default_root() / ("imagenet" if name == "imagenet" else "")
+    needed = {"fashion-mnist": [base / "FashionMNIST" / "raw" / f for f in FASHION_MNIST_FILES],
+              "cifar10": [base / "cifar-10-batches-py"],
+              "imagenet": [base / "train", base / "val"]}[name]
+    missing = [path for path in needed if not os.access(path, os.R_OK)]
+    from_system = name == "fashion-mnist" and all(
+        (FASHION_MNIST_SYSTEM_DIR / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES)  # copied on first use
+    if missing and not from_system:
+        raise FileNotFoundError(
+            f"data_root={None if root is None else str(root)!r} is not accepted for dataset={name!r}: "
+            f"{DATA_NAMES[name]} is not readable in {base} ({missing[0]} is missing or unreadable); "
+            f"{DATA_HINTS[name]}, or set data_root (or $ADVKIT_DATA) to the folder that holds it")
+
+
 def _check_split(split: str) -> None:
     check_choice("split", split, SPLITS)
 

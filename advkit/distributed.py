@@ -48,11 +48,12 @@ def context() -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_sum(values: list[float], ctx: Context) -> list[float]:
-    """Element-wise sum over ranks (float64, on the CPU: these are a handful of counters)."""
+def all_sum(values: list[float], ctx: Context, device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum over ranks (float64, a handful of counters), on ``device``: the rank's own device, which
+    the backend accepts (NCCL takes CUDA tensors only)."""
     if not ctx.active:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 

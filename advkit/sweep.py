@@ -14,8 +14,9 @@ A sweep file::
 ``init_checkpoint: run:<name>`` starts from an earlier point of the same sweep (with a grid, the earlier
 point with the same grid values).
 
-Every point is validated before anything runs. A point whose ``results.csv`` exists is skipped; a failing
-point does not stop the sweep; failures are listed at the end with the failing notebook's path.
+Every point is validated before anything runs. A point whose ``results.csv`` exists is skipped; one with a
+checkpoint but no ``results.csv`` (killed, pre-empted) is resumed; a failing point does not stop the sweep;
+failures are listed at the end with the failing notebook's path.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 from .config import Config, make_config, project_root
+from .train import continuing
 from .validate import check_range
 
 SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
@@ -126,11 +128,11 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
             outcome["skipped"].append(cfg.name)
             print(f"[sweep] skip {cfg.name}: {cfg.run_dir / 'results.csv'} exists", flush=True)
             continue
-        resume = (cfg.run_dir / "checkpoints" / "last.pt").exists()
-        overwrite = (cfg.run_dir / "config.json").exists() and not resume
-        parameters = cfg.to_dict() | {"resume": resume, "overwrite": overwrite}
+        cfg = continuing(cfg)  # resume from its checkpoint; a folder without one starts again
+        parameters = cfg.to_dict()
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){' resuming' if resume else ''}", flush=True)
+        print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){' resuming' if cfg.resume else ''}",
+              flush=True)
         try:
             papermill.execute_notebook(str(point.notebook), str(point.output), parameters=parameters,
                                        kernel_name=kernel, progress_bar=progress, cwd=str(project_root()))

@@ -2,17 +2,31 @@
 running statistics in the last epochs, BN-only finetuning).
 
 A run lives in ``<runs_root>/<name>/``: ``config.json``, ``metrics.jsonl`` (one line per epoch),
-``checkpoints/last.pt`` (model, optimizer, every RNG state, epoch and step), ``results.csv`` and
-``status.json``. ``run(cfg)`` trains, evaluates and writes them; ``train(cfg)`` only trains.
+``checkpoints/last.pt`` (model, optimizer, every RNG state, epoch and step; ``prev.pt`` is the one before),
+``results.csv`` and ``status.json``. ``run(cfg)`` trains, evaluates and writes them; ``train(cfg)`` only trains.
+
+Checkpoints carry the SHA-256 of their bytes and are written through a temporary file, fsync and rename, so a
+kill at any moment leaves a good one; resuming falls back to ``prev.pt`` when ``last.pt`` is bad. SIGTERM
+(what clusters send before killing a job) makes the loop checkpoint where it is and stop cleanly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import io
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +170,24 @@ def training_loss(
 
 # ---------------------------------------------------------------- run folder and checkpoints
 
+LAST, PREVIOUS = "last.pt", "prev.pt"  # in <run>/checkpoints/
+CHECKPOINT_FORMAT = "advkit-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupt (checksum mismatch) or refused (it carries code)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM after writing a checkpoint; ``resume=True`` continues it."""
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run folder holds a checkpoint to resume from (``last.pt`` or the previous one)."""
+    folder = Path(run_dir) / "checkpoints"
+    return (folder / LAST).exists() or (folder / PREVIOUS).exists()
+
+
 def prepare_run_dir(cfg: Config, ctx: distributed.Context = distributed.Context()) -> Path:
     """Create the run folder; refuse to touch an existing run unless resume or overwrite is asked for.
     Every rank checks (so all raise alike); only rank 0 changes anything."""
@@ -164,8 +196,8 @@ def prepare_run_dir(cfg: Config, ctx: distributed.Context = distributed.Context(
     if existing and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"run folder {run_dir} already holds a run: pass resume=True to continue it or "
                               "overwrite=True to replace it (nothing was changed)")
-    if cfg.resume and not (run_dir / "checkpoints" / "last.pt").exists():
-        raise FileNotFoundError(f"resume=True but {run_dir / 'checkpoints' / 'last.pt'} does not exist")
+    if cfg.resume and not has_checkpoint(run_dir):
+        raise FileNotFoundError(f"resume=True but {run_dir / 'checkpoints'} holds neither {LAST} nor {PREVIOUS}")
     distributed.barrier(ctx)  # every rank has checked before rank 0 changes anything
     if not ctx.main:
         return run_dir
@@ -178,23 +210,124 @@ def prepare_run_dir(cfg: Config, ctx: distributed.Context = distributed.Context(
     return run_dir
 
 
+def continuing(cfg: Config) -> Config:
+    """``cfg`` set to carry on with its run folder, whatever state a kill left it in: resume from its checkpoint
+    if it has one; a folder without any (killed before its first checkpoint) is started again."""
+    resume = has_checkpoint(cfg.run_dir)
+    overwrite = (cfg.run_dir / "config.json").exists() and not resume
+    return dataclasses.replace(cfg, resume=resume, overwrite=overwrite)
+
+
 def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     (run_dir / "status.json").write_text(json.dumps({"state": state, "time": time.time(), **extra}))
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (it lives in the folder's own metadata)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = None) -> None:
+    """Write ``state`` so that a kill or power loss at any moment leaves a good checkpoint: the serialised bytes
+    go into a wrapper with their SHA-256 (the file checks itself, no sidecar to get out of step), through a
+    temporary file, flush and fsync; the current file moves to ``previous`` (if given), the new one takes its
+    name, and the folder is fsynced."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    view = buffer.getbuffer()
+    wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(view).hexdigest(),
+               "payload": torch.frombuffer(view, dtype=torch.uint8)}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(wrapper, f)
+        f.flush()
+        os.fsync(f.fileno())
+    del wrapper, view
+    if previous is not None and path.exists():
+        os.replace(path, previous)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _load_plain(source: Path | io.BytesIO, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into a CheckpointError naming ``path``."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch reports a damaged archive in many ways
+        text = str(exc)
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if code:
+            raise CheckpointError(f"checkpoint {path} is refused: it refers to {code.group(1)}, not only to tensors "
+                                  "and plain values, and checkpoints load with torch.load(weights_only=True) so that "
+                                  "a file carrying code never runs it") from None
+        said = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0] if text else ""
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {said})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file, or a run folder's ``checkpoints/last.pt``; tensors and plain values only."""
+    """A checkpoint file, or a run folder's ``checkpoints/last.pt``, checked against its SHA-256; tensors and
+    plain values only (a file carrying code is refused). A bad file raises CheckpointError naming it."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
+        path = path / "checkpoints" / LAST
+    wrapper = _load_plain(path, path)
+    if not (isinstance(wrapper, dict) and wrapper.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointError(f"checkpoint {path} is not an advkit checkpoint: it has no {CHECKPOINT_FORMAT!r} "
+                              "checksum wrapper (advkit.train.save_checkpoint writes one)")
+    payload = wrapper["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the SHA-256 of its contents differs from the one "
+                              "recorded when it was written")
+    return _load_plain(io.BytesIO(payload), path)
+
+
+def load_resume_checkpoint(folder: Path) -> dict[str, Any]:
+    """The newest good checkpoint in a run's ``checkpoints`` folder: ``last.pt``, else ``prev.pt`` with a
+    warning saying why; CheckpointError listing both problems when neither is good."""
+    problems = []
+    for path in (folder / LAST, folder / PREVIOUS):
+        try:
+            state = load_checkpoint(path)
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(f"{problems[0]}; resuming from the previous checkpoint {path} instead", RuntimeWarning,
+                          stacklevel=2)
+        return state
+    raise CheckpointError(f"no good checkpoint to resume from in {folder}: " + "; ".join(problems))
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint (logged before a kill, to be trained again)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if json.loads(l)["epoch"] <= epochs_done]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[list[int]]:
+    """While training, SIGTERM appends to the yielded list instead of killing the process, so the loop can
+    checkpoint and stop; the previous handler comes back afterwards. Python runs signal handlers in the main
+    thread only: elsewhere the list stays empty and SIGTERM keeps its old meaning."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -230,29 +363,39 @@ def resolve_rank_device(cfg: Config, ctx: distributed.Context) -> torch.device:
 def train(cfg: Config, show_progress: bool = True) -> nn.Module:
     """Train as ``cfg`` says, writing config, metrics and checkpoints into the run folder; return the model.
 
-    Under torchrun every process calls it: the global batch is split across ranks, gradients are averaged by
-    DDP, BN statistics stay per replica (as in the paper) unless ``sync_bn``, and only rank 0 writes.
+    Every input is checked before the run folder is touched: the parameters, the data set's files and the
+    starting checkpoint. Under torchrun every process calls it: the global batch is split across ranks,
+    gradients are averaged by DDP, BN statistics stay per replica (as in the paper) unless ``sync_bn``, and
+    only rank 0 writes. SIGTERM checkpoints and raises :class:`TrainingInterrupted` (status 'interrupted').
     """
     validate(cfg)
+    data.check_available(cfg.dataset, cfg.data_root)
+    init_model = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
     ctx = distributed.init_from_env()
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with {ctx.world_size} processes: the global "
                          "batch must divide evenly between them")
     device = resolve_rank_device(cfg, ctx)
     run_dir = prepare_run_dir(cfg, ctx)
-    if ctx.main:
-        cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
-        write_status(run_dir, "running")
-    distributed.barrier(ctx)
-    try:
-        return _train(cfg, device, run_dir, show_progress and ctx.main, ctx)
-    except BaseException as exc:
+    with sigterm_flag() as sigterm:  # from 'running' on, a SIGTERM stops the run at a step boundary
         if ctx.main:
-            write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+            cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
+            write_status(run_dir, "running")
+        distributed.barrier(ctx)
+        try:
+            return _train(cfg, device, run_dir, show_progress and ctx.main, ctx, init_model, sigterm)
+        except TrainingInterrupted as exc:
+            if ctx.main:
+                write_status(run_dir, "interrupted", error=str(exc))
+            raise
+        except BaseException as exc:
+            if ctx.main:
+                write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
-def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool, ctx: distributed.Context) -> nn.Module:
+def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool, ctx: distributed.Context,
+           init_model: dict[str, torch.Tensor] | None, sigterm: list[int]) -> nn.Module:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     generator = torch.Generator(device).manual_seed(cfg.seed + 1_000 * ctx.rank)
     local_batch = cfg.batch_size // ctx.world_size
@@ -264,8 +407,8 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set (n_train={cfg.n_train})")
 
     model = build_model(cfg)
-    if cfg.init_checkpoint:
-        model.load_state_dict(load_checkpoint(cfg.init_checkpoint)["model"])
+    if init_model is not None:
+        model.load_state_dict(init_model)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.finetune_bn:
@@ -281,10 +424,12 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
     if cfg.compile:
         forward = torch.compile(forward)
 
-    start_epoch, step, skip = 0, 0, 0
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    counters = ("loss", "batches", "n_adv", "correct_adv", "n_clean", "correct_clean", "attack_seconds")
+    start_epoch, step, skip, resumed_totals = 0, 0, 0, None
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = ckpt_dir / LAST
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_resume_checkpoint(ckpt_dir)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) != ctx.world_size:
@@ -292,16 +437,20 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
                              f"(got {ctx.world_size})")
         _set_rng_state(ckpt["rng"][ctx.rank], generator)
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+        resumed_totals = ckpt["totals"][ctx.rank] if skip else None  # the epoch's counters so far
+        if ctx.main:
+            _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        rng = distributed.gather(_rng_state(generator), ctx)
+        states = distributed.gather({"rng": _rng_state(generator),
+                                     "totals": totals | {"seconds": time.perf_counter() - t_epoch}}, ctx)
         if ctx.main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-                                        "rng": rng, "config": cfg.to_dict()})
+                                        "rng": [s["rng"] for s in states], "totals": [s["totals"] for s in states],
+                                        "config": cfg.to_dict()}, previous=ckpt_dir / PREVIOUS)
 
     ctx_autocast = autocast(cfg, device)
-    counters = ("loss", "batches", "n_adv", "correct_adv", "n_clean", "correct_clean", "attack_seconds")
     for epoch in range(start_epoch, cfg.epochs):
         running_stats = epoch >= cfg.epochs - cfg.running_stats_epochs
         forward.train()
@@ -310,6 +459,9 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
         _set_epoch(loader, epoch, cfg.seed)
         totals = dict.fromkeys(counters, 0.0)
         t_epoch = time.perf_counter()
+        if resumed_totals is not None:
+            t_epoch -= resumed_totals.pop("seconds")
+            totals, resumed_totals = resumed_totals, None
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_progress,
                    leave=False)
         for batch_index, batch in enumerate(bar):
@@ -319,9 +471,14 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
                 group["lr"] = learning_rate(cfg, epoch + batch_index / steps_per_epoch)
             images, labels = data.to_device(batch, device, channels_last)
             loss, stats = training_loss(model, images, labels, cfg, generator, forward, ctx_autocast)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                         f"the last good checkpoint is {ckpt_path}")
+            # one all-reduce per step: every rank stops at the same step, on a NaN or a SIGTERM anywhere
+            non_finite, stop = distributed.all_sum([float(not torch.isfinite(loss)), float(bool(sigterm))], ctx,
+                                                   device)
+            if non_finite:
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()} on this rank) at epoch {epoch + 1}, batch {batch_index + 1} of "
+                    f"{steps_per_epoch} (step {step + 1}); training stopped before the update, and the last "
+                    f"checkpoint written, {ckpt_path} (if any), is intact")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -334,11 +491,16 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
             bar.set_postfix(loss=f"{totals['loss'] / totals['batches']:.3f}",
                             acc=f"{(totals['correct_adv'] or totals['correct_clean']) / max(seen, 1):.3f}",
                             img_s=f"{totals['batches'] * cfg.batch_size / (time.perf_counter() - t_epoch):.0f}")
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+            if stop or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 checkpoint(epoch, batch_index + 1)
+            if stop:
+                raise TrainingInterrupted(
+                    f"SIGTERM: training stopped at epoch {epoch + 1}, batch {batch_index + 1} of {steps_per_epoch} "
+                    f"(step {step}) after writing {ckpt_path}. Continue it with resume=True: "
+                    f"python -m advkit.train --resume {run_dir / 'config.json'} (papermill: -p resume True)")
         skip = 0
         seconds = time.perf_counter() - t_epoch
-        summed = dict(zip(counters, distributed.all_sum([totals[k] for k in counters], ctx)))
+        summed = dict(zip(counters, distributed.all_sum([totals[k] for k in counters], ctx, device)))
         record = {
             "epoch": epoch + 1, "step": step, "lr": learning_rate(cfg, epoch + 1 - 1e-9),
             "loss": summed["loss"] / max(summed["batches"], 1),  # mean over ranks and batches
@@ -400,16 +562,24 @@ def run_launched(cfg: Config, show_progress: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m advkit.train CONFIG.json`` (what torchrun starts on every rank): run the saved config."""
+    """``python -m advkit.train [--resume] CONFIG.json`` (what torchrun starts on every rank): run the saved
+    config. With ``--resume`` the same command starts the run or continues it from its checkpoint, so a job
+    script can simply be started again after a kill or pre-emption. Exit status 143 after a SIGTERM stop."""
     import argparse
 
     from .config import config_from_file
 
     parser = argparse.ArgumentParser(prog="python -m advkit.train", description=main.__doc__)
     parser.add_argument("config", help="a config.json (as a run folder holds) or launch.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from its checkpoint if it has one, else start it")
     args = parser.parse_args(argv)
+    cfg = config_from_file(args.config)
     try:
-        run(config_from_file(args.config), show_progress=True)
+        run(continuing(cfg) if args.resume else cfg, show_progress=True)
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -50,3 +50,21 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
         acc = (model(images).argmax(1) == labels).float().mean().item()
     model.train(was_training)
     return acc
+
+
+def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``cfg`` in this process and crash it (KeyboardInterrupt) at its ``calls``-th training step."""
+    from advkit import train
+
+    real, seen = train.training_loss, []
+
+    def crashing(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, show_progress=False)
+    monkeypatch.setattr(train, "training_loss", real)

@@ -3,7 +3,8 @@ import json
 import papermill
 import pytest
 
-from advkit import config, results, sweep
+from advkit import config, results, sweep, train
+from conftest import train_until_crash
 
 FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_checkpoints": [1], "sanity_n": 0, "bnstats_channels": 0}
 
@@ -47,10 +48,11 @@ def test_malformed_sweeps_are_reported_before_anything_runs(tmp_path, text, mess
 
 def test_sweep_runs_skips_finished_points_and_lists_failures(tmp_path, capsys):
     runs = tmp_path / "runs"
+    (tmp_path / "bad-cifar" / "cifar-10-batches-py").mkdir(parents=True)  # there, but empty: fails when read
     f = _write(tmp_path / "s.yaml", json.dumps({
         "runs_root": str(runs), "base": FAST,
         "points": [{"name": "ok"},
-                   {"name": "broken", "dataset": "cifar10", "data_root": str(tmp_path / "no-cifar")}]}))
+                   {"name": "broken", "dataset": "cifar10", "data_root": str(tmp_path / "bad-cifar")}]}))
     outcome = sweep.run_sweep(f, progress=False)
     assert outcome["done"] == ["ok"] and [b[0] for b in outcome["failed"]] == ["broken"]
     assert "CIFAR-10" in outcome["failed"][0][2]
@@ -62,6 +64,20 @@ def test_sweep_runs_skips_finished_points_and_lists_failures(tmp_path, capsys):
     assert list(results.unfinished_runs(runs)["state"]) == ["failed"]
     again = sweep.run_sweep(f, progress=False)
     assert again["skipped"] == ["ok"]
+
+
+def test_a_sweep_rerun_resumes_a_point_killed_before_its_results(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST | {"checkpoint_every_steps": 1},
+                                                "points": [{"name": "cut"}]}))
+    train_until_crash(sweep.load_sweep(f)[0].config, calls=2, monkeypatch=monkeypatch)  # checkpoint at step 1
+    assert train.load_checkpoint(runs / "cut")["step"] == 1 and not (runs / "cut" / "results.csv").exists()
+    outcome = sweep.run_sweep(f, progress=False)
+    assert outcome["done"] == ["cut"]
+    assert "[sweep] run cut (100% adv + 0% clean, norm=bn) resuming" in capsys.readouterr().out
+    assert "resume = True" in (runs / "cut" / "experiment.ipynb").read_text()  # the injected parameters
+    assert train.load_checkpoint(runs / "cut")["step"] == 2 and (runs / "cut" / "results.csv").exists()
+    assert results.run_status(runs / "cut") == "done"
 
 
 def test_experiment_notebook_rejects_unknown_parameters(tmp_path):

@@ -158,33 +158,6 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     assert len(table) == 2 * (1 + len(cfg.eval_checkpoints)) and table["accuracy"].between(0, 1).all()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(clean_ratio=1.5), r"clean_ratio=1.5 .*\[0, 1\]"),
-    (dict(adv_ratio=0.5), r"adv_ratio=0.5 .*\[0, 1\]"),
-    (dict(norm="ln"), r"norm='ln'"),
-    (dict(arch="resnet19"), r"arch='resnet19'"),
-    (dict(dataset="mnist"), r"dataset='mnist'"),
-    (dict(optimizer="adam"), r"optimizer='adam'"),
-    (dict(schedule="cosine"), r"schedule='cosine'"),
-    (dict(running_stats_epochs=5, epochs=2), r"running_stats_epochs=5 .*epochs=2"),
-    (dict(alp_weight=0.5, clean_ratio=0.0), r"alp_weight=0.5 .*clean_ratio"),
-    (dict(finetune_bn=True), r"init_checkpoint"),
-    (dict(init_checkpoint="/nonexistent.pt"), r"init_checkpoint='/nonexistent.pt'"),
-    (dict(lr=0), r"lr=0"),
-    (dict(train_eps=300), r"train_eps=300"),
-    (dict(eval_checkpoints=[10, -1]), r"eval_checkpoints=\[10, -1\]"),
-    (dict(eval_step_rule="linear"), r"eval_step_rule='linear'"),
-    (dict(eval_restarts=0), r"eval_restarts=0"),
-    (dict(lr_decay_epochs=[5]), r"lr_decay_epochs=\[5\]"),
-    (dict(adv_ratio=0, clean_ratio=0.5), r"clean_ratio=0.5 .*adv_ratio=0"),
-    (dict(clean_ratoi=0.5), r"unknown parameter\(s\) \['clean_ratoi'\]"),
-])
-def test_bad_configs_are_rejected_before_anything_is_written(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        make_config("test", name="bad", runs_root=str(tmp_path), **overrides)
-    assert not any(tmp_path.iterdir())
-
-
 def test_notebook_parameters_mean_preset_plus_changes():
     cfg = config.config_from_parameters({"preset": "demo", "clean_ratio": 0.5, "n_train": 512})
     assert cfg.clean_ratio == 0.5 and cfg.epochs == config.PRESETS["demo"]["epochs"]
