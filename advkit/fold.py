@@ -30,18 +30,20 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
         return conv.weight * scale.reshape(-1, 1, 1, 1), bias  # the weight keeps its memory format
 
 
-def _set_folded(fused: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def _set_folded(fused: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool = False) -> None:
     weight, bias = folded_weights(conv, bn)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     fused.bias = nn.Parameter(bias, requires_grad=False)
 
 
-def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool = False) -> nn.Conv2d:
     """``bn(conv(x))`` with BN's running statistics as one convolution (weights detached from both)."""
     fused = nn.Conv2d(  # on the meta device: no memory, no random initialisation; the weights are replaced
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
         conv.groups, bias=True, padding_mode=conv.padding_mode, device="meta")
-    _set_folded(fused, conv, bn)
+    _set_folded(fused, conv, bn, channels_last)
     return fused
 
 
@@ -65,23 +67,25 @@ def _structure_key(model: nn.Module) -> tuple:
     return tuple((id(m), getattr(m, "branch", None), m.training) for m in model.modules())
 
 
-def fold_batch_norms(model: nn.Module) -> nn.Module:
+def fold_batch_norms(model: nn.Module, channels_last: bool = False) -> nn.Module:
     """A view of ``model`` (in eval mode: BN on running statistics) with every conv -> BN pair folded, from the
     current weights and statistics. Returns ``model`` itself when it has nothing to fold (GroupNorm, or BNs in
-    batch-statistics mode). The trace is cached per model and structure; later calls only refold the weights."""
-    key = _structure_key(model)
+    batch-statistics mode). The trace is cached per model and structure; later calls only refold the weights.
+    ``channels_last``: the folded weights in channels_last memory format (the view's ``channels_last`` attribute
+    says so; feed it channels_last inputs). The model's own layers are never converted."""
+    key = (_structure_key(model), channels_last)
     cached = _views.get(model)
     if cached is not None and cached[0] == key:
         _, view, pairs = cached
         for fused, conv, bn in pairs:
-            _set_folded(fused, conv, bn)
+            _set_folded(fused, conv, bn, channels_last)
         return view
-    view, pairs = _trace_and_fold(model)
+    view, pairs = _trace_and_fold(model, channels_last)
     _views[model] = (key, view, pairs)
     return view
 
 
-def _trace_and_fold(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]]]:
+def _trace_and_fold(model: nn.Module, channels_last: bool) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]]]:
     graph = _Tracer().trace(model)
     view = fx.GraphModule(model, graph)
     modules = dict(view.named_modules())
@@ -95,7 +99,7 @@ def _trace_and_fold(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, 
                 and type(modules[source.target]) is nn.Conv2d and calls.count(source.target) == 1):
             continue
         conv, bn = modules[source.target], modules[node.target]
-        fused = folded_conv(conv, bn)
+        fused = folded_conv(conv, bn, channels_last)
         parent, _, name = source.target.rpartition(".")
         setattr(view.get_submodule(parent) if parent else view, name, fused)
         pairs.append((fused, conv, bn))
@@ -105,4 +109,5 @@ def _trace_and_fold(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, 
         return model, pairs
     view.delete_all_unused_submodules()
     view.recompile()
+    view.channels_last = channels_last
     return view.eval(), pairs
