@@ -41,7 +41,7 @@ test: setup $(CHROMIUM)
 	$(VENV)/bin/pytest
 
 demo: setup
-	$(VENV)/bin/advkit sweep notebooks/sweeps/demo.yaml
+	$(VENV)/bin/advkit sweep notebooks/sweeps/demo.yaml --jobs 2
 	$(VENV)/bin/advkit summary runs/demo
 	$(MAKE) --no-print-directory figures
 

@@ -56,7 +56,7 @@ def scale_note(frame: pd.DataFrame) -> str:
         return ""
     archs = frame["arch"].unique()
     parts = [str(_mode(frame["dataset"])), str(archs[0]) if len(archs) == 1 else "several depths",
-             f"train PGD-{_mode(frame['train_steps'])}"]
+             f"train PGD-{_mode(frame['train_steps'])}", f"eps {_mode(frame['eps']):g}"]
     return ", ".join(parts)
 
 
@@ -101,7 +101,7 @@ def figure1(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "bn") & ~chosen["alp"].astype(bool) & ~chosen["running_stats"].astype(bool)]
-        return _max_steps(dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows))
+        return _max_steps(dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows))
 
     def draw(ax, rows):
         sns.lineplot(data=rows.assign(clean_pct=rows["clean_ratio"] * 100), x="clean_pct", y="accuracy",
@@ -125,7 +125,7 @@ def figure2(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "bn") & chosen["clean_ratio"].isin([0.0, 1.0])
                         & ~chosen["running_stats"].astype(bool)]
-        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows)
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows)
 
     return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure2",
                         "Figure 2: robustness curves with standard BN", folder)
@@ -137,7 +137,7 @@ def figure3(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "mbn") & (chosen["branch"] == "adv") & ~chosen["running_stats"].astype(bool)]
-        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps"], rows)
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows)
 
     return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure3",
                         "Figure 3: robustness curves through MBN_adv", folder)
@@ -154,7 +154,7 @@ def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         adversarial = rows[(rows["adv_ratio"] == 1) & (rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
                            & rows["running_stats"].astype(bool) & ~rows["finetune_bn"].astype(bool)]
-        adversarial = _max_steps(dominant(adversarial, ["dataset", "batch_size", "train_steps"], rows))
+        adversarial = _max_steps(dominant(adversarial, ["dataset", "batch_size", "train_steps", "eps"], rows))
         clean = rows[(rows["adv_ratio"] == 0) & (rows["steps"] == 0) & (rows["norm"] == "bn")
                      & ~rows["finetune_bn"].astype(bool)]
         both = pd.concat([adversarial.assign(training="adversarial (PGD)"), clean.assign(training="clean (clean acc.)")])
@@ -263,7 +263,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 1: clean accuracy of standard training and MBN_clean; strongest-PGD accuracy of 100% adv + 0% clean
     and MBN_adv, with and without ALP (no running statistics)."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
-    rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps"], frame), rows[rows["adv_ratio"] == 0]])
+    rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps", "eps"], frame), rows[rows["adv_ratio"] == 0]])
     strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
     out = []
     for label, part, steps in [
@@ -286,7 +286,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table2(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 2: strongest-PGD accuracy without and with running statistics in the last epochs."""
-    rows = dominant(_plain_adversarial(frame), ["arch", "batch_size", "train_steps"], frame)
+    rows = dominant(_plain_adversarial(frame), ["arch", "batch_size", "train_steps", "eps"], frame)
     rows = rows[(rows["steps"] == rows["steps"].max()) & ((rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
                                                           | (rows["branch"] == "adv") & (rows["clean_ratio"] == 1))]
     rows = rows.assign(setting=_settings(rows, running_stats_mark=False),
@@ -318,7 +318,7 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
         two_extremes = rows["clean_ratio"].isin([0.0, 1.0]) & rows["norm"].isin(["bn", "mbn"])
         rs_strategies = (rows["clean_ratio"] == 0) & (rows["norm"] == "bn") | (rows["branch"] == "adv")
         built = {
-            "table1": table1(dominant(rows, ["arch", "batch_size"])),  # Table 1 compares one network
+            "table1": table1(dominant(rows, ["arch", "batch_size", "eps"])),  # Table 1 compares one network
             "table2": table2(rows),
             "table4": table_by(dominant(rows[plain & two_extremes], ["arch", "batch_size"]), "train_steps", "setting"),
             "table5": table_by(dominant(rows[rs_strategies], ["arch", "batch_size"]), "setting", "train_steps"),

@@ -1,10 +1,10 @@
 """Results as tidy pandas tables: the kit's run folders and the paper's published numbers in one schema.
 
 The analysis schema has one row per (model, MBN branch, attack): ``source`` ('paper' or 'kit'), ``run``,
-``dataset``, ``arch``, ``batch_size``, ``train_steps``, ``adv_ratio``, ``clean_ratio``, ``norm`` ('bn', 'mbn',
-'gn'), ``branch`` ('-', 'clean', 'adv'), ``alp``, ``running_stats``, ``finetune_bn``, ``seed``, ``strategy`` (the
-paper's name), ``steps`` (0: clean images), ``accuracy`` and ``worst_accuracy`` in percent, ``n``. One plotting
-function then serves both sources.
+``dataset``, ``arch``, ``batch_size``, ``train_steps``, ``eps`` (of the evaluation, 0-255), ``adv_ratio``,
+``clean_ratio``, ``norm`` ('bn', 'mbn', 'gn'), ``branch`` ('-', 'clean', 'adv'), ``alp``, ``running_stats``,
+``finetune_bn``, ``seed``, ``strategy`` (the paper's name), ``steps`` (0: clean images), ``accuracy`` and
+``worst_accuracy`` in percent, ``n``. One plotting function then serves both sources.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 from .config import project_root
 
 PAPER_DIR = project_root() / "data" / "paper"
-SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "adv_ratio", "clean_ratio", "norm",
+SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
           "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "steps", "accuracy",
           "worst_accuracy", "n"]
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
@@ -79,7 +79,8 @@ def kit_results(root: str | Path) -> pd.DataFrame:
         return pd.DataFrame(columns=SCHEMA)
     frame = pd.DataFrame({
         "source": "kit", "run": runs["name"], "dataset": runs["dataset"], "arch": runs["arch"],
-        "batch_size": runs["batch_size"], "train_steps": runs["train_steps"], "adv_ratio": runs["adv_ratio"],
+        "batch_size": runs["batch_size"], "train_steps": runs["train_steps"], "eps": runs["eps"],
+        "adv_ratio": runs["adv_ratio"],
         "clean_ratio": runs["clean_ratio"], "norm": runs["norm"], "branch": runs["branch"],
         "alp": runs["alp_weight"] > 0, "running_stats": runs["running_stats_epochs"] > 0,
         "finetune_bn": runs["finetune_bn"].astype(bool), "seed": runs["seed"], "strategy": runs["strategy"],
@@ -97,7 +98,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
         norm = {"mbn_adv": "mbn"}.get(r["norm"], r["norm"])
         branch = "adv" if r["norm"] == "mbn_adv" else "-"
         model = dict(source="paper", run=f"table7-{i + 1}", dataset="imagenet", arch=r["network"],
-                     batch_size=r["batch_size"], train_steps=r["train_pgd_steps"], adv_ratio=1.0,
+                     batch_size=r["batch_size"], train_steps=r["train_pgd_steps"], eps=16.0, adv_ratio=1.0,
                      clean_ratio=r["clean_ratio"], norm=norm, branch=branch, alp=bool(r["alp"]),
                      running_stats=bool(r["running_stats"]), finetune_bn=False, seed=np.nan,
                      strategy=strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
@@ -109,7 +110,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
         alp = r["norm"].endswith("_alp")
         norm = r["norm"].removesuffix("_alp")
         rows.append(dict(source="paper", run=f"clean-{i + 1}", dataset="imagenet", arch=r["network"],
-                         batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, adv_ratio=r["adv_ratio"],
+                         batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, eps=16.0, adv_ratio=r["adv_ratio"],
                          clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
                          finetune_bn=False, seed=np.nan, strategy=strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
                          steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))

@@ -148,3 +148,18 @@ points:
     for bad in [(2, 2), (-1, 2), (0, 0)]:
         with pytest.raises(ValueError, match="shard"):
             sweep.shard_points(points, *bad)
+
+
+def test_jobs_run_the_shards_at_once_and_fail_when_a_point_fails(tmp_path):
+    from advkit import cli
+
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST,
+                                                 "points": [{"name": "a"}, {"name": "b", "norm": "gn"}]}))
+    assert cli.main(["sweep", str(f), "--jobs", "2"]) == 0
+    assert (runs / "a" / "results.csv").exists() and (runs / "b" / "results.csv").exists()
+    assert json.loads((runs / "a" / "config.json").read_text())["name"] == "a"
+    broken = _write(tmp_path / "broken.yaml", json.dumps({
+        "runs_root": str(runs), "base": FAST,
+        "points": [{"name": "a"}, {"name": "c", "dataset": "cifar10", "data_root": str(tmp_path / "no-cifar")}]}))
+    assert cli.main(["sweep", str(broken), "--jobs", "2"]) == 1
