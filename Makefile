@@ -43,7 +43,7 @@ test: setup $(CHROMIUM)
 demo: setup
 	$(VENV)/bin/advkit sweep notebooks/sweeps/demo.yaml --jobs 2
 	$(VENV)/bin/advkit summary runs/demo
-	$(MAKE) --no-print-directory figures
+	$(VENV)/bin/advkit figures --runs runs/demo --out figures
 
 # every analysis notebook through papermill: the paper's panels, and the kit's for whatever runs exist
 figures: setup
