@@ -173,7 +173,9 @@ def _variance_gap(bnstats: pd.DataFrame, setting: str) -> tuple[pd.Series, pd.Se
 
 def claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
     """Every claim of the paper's Sections 4-5 measured on the study's runs (percentage points unless said)."""
-    acc: Callable[..., pd.Series] = lambda setting, **kw: accuracy(runs, setting, **kw)
+    base_arch = "small_resnet8"  # every claim but C8 compares runs of the base network
+    acc: Callable[..., pd.Series] = lambda setting, arch=base_arch, **kw: accuracy(runs, setting, arch=arch, **kw)
+    bnstats = bnstats[bnstats["sweep"] == "main"] if not bnstats.empty else bnstats
     strongest = f"PGD-{int(runs['steps'].max())}" if not runs.empty else "PGD-max"
     deep = sorted(runs.loc[runs["sweep"] == "depth", "arch"].unique(), key=lambda a: int(a.split("resnet")[1])) \
         if not runs.empty else []

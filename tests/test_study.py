@@ -70,3 +70,14 @@ def test_export_writes_tidy_tables_and_keeps_earlier_rows(tmp_path):
     assert counts["runs"] == len(runs) == 6
     again = study.export(tmp_path / "elsewhere", out)  # a later session without those run folders
     assert again == counts and len(study.load(out)[0]) == 6
+
+
+def test_claims_compare_the_base_network_unless_they_are_about_depth():
+    values = {("adv-clean0", "-"): [60.0, 61.0, 62.0], ("adv-clean100", "-"): [55.0, 55.5, 57.0],
+              ("standard", "-"): [20.0, 21.0, 22.0]}
+    base = _runs(values)
+    deeper = _runs({k: [v + 8 for v in vs] for k, vs in values.items()}).assign(arch="small_resnet20", sweep="depth")
+    table = study.claims(pd.concat([base, deeper]), pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    assert table.loc["C1", "mean"] == pytest.approx(study.t_interval([5.0, 5.5, 5.0])[0])  # the base runs only
+    assert table.loc["C8", "mean"] == pytest.approx(0.0)  # +8 robust and +8 clean from depth: no difference
+    assert "small_resnet20" in table.loc["C8", "measured"]
