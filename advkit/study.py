@@ -270,7 +270,7 @@ def plot_eps_sweep(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.
 def plot_curves(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Robustness curves of the main strategies: mean over seeds with 95% t-intervals (C1, C2, C3, C5)."""
     rows = runs[(runs["sweep"] == "main") & (runs["steps"] > 0)]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     for setting, branch, label in CURVE_SETTINGS:
         curve = rows[(rows["setting"] == setting) & (rows["branch"] == branch)]
         if curve.empty:
@@ -285,7 +285,7 @@ def plot_curves(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Fig
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Robustness curves, mean and 95% interval over seeds", fontsize=9)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, "study_curves", folder)
     return fig
 
