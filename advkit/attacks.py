@@ -38,13 +38,23 @@ def effective_step(eps: float, step: float, steps: int, step_rule: str = "fixed"
     return max(step, eps / steps) if step_rule == "max_eps_over_steps" and steps > 0 else step
 
 
+def compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``, once per module (kept in its ``__dict__``, not as a submodule): the folded view
+    keeps its parameters (refolded in place), so a training run compiles its attack once, on the first step."""
+    if "_advkit_compiled" not in module.__dict__:
+        module.__dict__["_advkit_compiled"] = torch.compile(module)
+    return module.__dict__["_advkit_compiled"]
+
+
 @contextlib.contextmanager
-def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = False) -> Iterator[nn.Module]:
+def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = False,
+                compile_attack: bool = False) -> Iterator[nn.Module]:
     """Run ``model`` for an attack: eval mode ('running') or BNs on batch statistics ('batch'); no parameter grads.
 
     Yields the module to attack: ``model``, or with ``fold_bn`` in 'running' mode its BN-folded view (the same
     function with every conv -> BN pair as one conv, see :mod:`advkit.fold`; on the CPU in channels_last memory
-    format, which ``make bench`` measured faster there). On exit every module's train flag,
+    format, which ``make bench`` measured faster there), compiled with ``torch.compile`` if ``compile_attack``.
+    On exit every module's train flag,
     every BN buffer (in 'batch' mode, where the forward passes would update them) and every parameter's
     ``requires_grad`` are restored.
     """
@@ -60,11 +70,10 @@ def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = Fals
     for p in model.parameters():
         p.requires_grad_(False)
     try:
+        attacked = model
         if fold_bn and bn_mode == "running":
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            yield fold_batch_norms(model, channels_last=on_cpu)
-        else:
-            yield model
+            attacked = fold_batch_norms(model, channels_last=next(model.parameters()).device.type == "cpu")
+        yield compiled(attacked) if compile_attack else attacked
     finally:
         for m, flag in training.items():
             m.training = flag
@@ -115,7 +124,7 @@ def pgd_iterations(
     eps-cube and [0, 1]. ``on_logits(i, logits)`` sees the logits of iterate i (0 = the start) for free, from
     the forward pass that computes its gradient; the final iterate's logits need one more forward pass.
     The model must already be in attack mode (see :func:`attack_mode`)."""
-    convert = getattr(model, "channels_last", False) and not images.is_contiguous(memory_format=torch.channels_last)
+    convert = getattr(getattr(model, "_orig_mod", model), "channels_last", False) and not images.is_contiguous(memory_format=torch.channels_last)
     if convert:  # a BN-folded view with channels_last weights: feed it channels_last, hand back the caller's layout
         images, start = (t.contiguous(memory_format=torch.channels_last) for t in (images, start))
     lower = (images - eps).clamp_(min=0)
@@ -182,6 +191,7 @@ def pgd(
     step_rule: str = "fixed",
     bn_mode: str = "running",
     fold_bn: bool = True,
+    compile_attack: bool = False,
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -191,7 +201,8 @@ def pgd(
     every call (and restart) unless ``targets`` is given; they need ``num_classes``. Each restart starts afresh;
     an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
     Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0). With ``bn_mode='running'``
-    the attack runs a BN-folded view of the model unless ``fold_bn=False`` (same function, fewer operations).
+    the attack runs a BN-folded view of the model unless ``fold_bn=False`` (same function, fewer operations);
+    ``compile_attack`` runs it through ``torch.compile`` (the first call pays the compile time).
     """
     check_pgd_arguments(eps, step, steps, clean_start_prob, restarts, step_rule, bn_mode)
     if targeted and targets is None and num_classes is None:
@@ -204,7 +215,7 @@ def pgd(
                   start_per_example=start_per_example, generator=generator)
     images = images.detach()
     best = None
-    with attack_mode(model, bn_mode, fold_bn) as attacked:
+    with attack_mode(model, bn_mode, fold_bn, compile_attack) as attacked:
         for _ in range(restarts):
             x_adv = attack_once(attacked, images, labels, **kwargs)
             if best is None:

@@ -107,8 +107,9 @@ def floor_steps(model: nn.Module, images: torch.Tensor, goal: torch.Tensor, step
 
 
 def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, repeats: int) -> list[Row]:
-    """pgd_vs_floor, pgd_vs_torchattacks and pgd_folded_vs_unfolded: targeted PGD-``steps``, eps 16, step 1,
-    random start, BN on running statistics (the kit attacks a BN-folded view by default)."""
+    """pgd_vs_floor, pgd_vs_torchattacks, pgd_folded_vs_unfolded, and two rows without a target (the whole model
+    in channels_last; the attack through torch.compile, its compile time apart): targeted PGD-``steps``, eps 16,
+    step 1, random start, BN on running statistics (the kit attacks a BN-folded view by default)."""
     import torchattacks
 
     model = bench_model(arch, device).eval()
@@ -119,10 +120,18 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
     images_cl = images.contiguous(memory_format=torch.channels_last)
     reference = torchattacks.PGD(model, eps=16 / 255, alpha=1 / 255, steps=steps, random_start=True)
     reference.set_mode_targeted_random()
+    compiled = lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
+                                   generator=generator, compile_attack=True)
+    synchronize(device)
+    started = time.perf_counter()
+    compiled()  # the first call compiles
+    synchronize(device)
+    first_call = time.perf_counter() - started
     times = median_seconds({
         "floor": lambda: floor_steps(model, images, goal, steps),
         "advkit": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
                                       generator=generator),
+        "compiled": compiled,
         "unfolded": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
                                         generator=generator, fold_bn=False),
         "torchattacks": lambda: reference(images, labels),
@@ -133,7 +142,10 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
     return [Row("pgd_vs_floor", arch, times["advkit"] / times["floor"], 1.05, detail=detail),
             Row("pgd_vs_torchattacks", arch, times["advkit"] / times["torchattacks"], 0.70, detail=detail),
             Row("pgd_folded_vs_unfolded", arch, times["advkit"] / times["unfolded"], 0.75, detail=detail),
-            Row("pgd_channels_last_vs_default", arch, times["channels_last"] / times["advkit"], None, detail=detail)]
+            Row("pgd_channels_last_vs_default", arch, times["channels_last"] / times["advkit"], None, detail=detail),
+            Row("pgd_compiled_vs_default", arch, times["compiled"] / times["advkit"], None,
+                detail=f"torch.compile of the folded view: first call {first_call:.1f} s (compile time "
+                       f"{first_call - times['compiled']:.1f} s), then {times['compiled'] * 1e3:.0f} ms")]
 
 
 def curve_row(arch: str, device: torch.device, batch_size: int, checkpoints: list[int], repeats: int) -> Row:

@@ -72,6 +72,7 @@ class Config:
     train_clean_start_prob: float = 0.2  # per batch, as in the original pipeline
     attack_bn_mode: str = "running"  # BN statistics during attacks: running | batch
     attack_fold_bn: bool = True  # attacks on BN running statistics run a BN-folded view: same function, faster
+    attack_compile: bool = False  # torch.compile the attacked model (the first attack pays the compile time)
     # optimisation
     epochs: int = 2
     batch_size: int = 128  # global batch

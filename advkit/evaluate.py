@@ -56,13 +56,15 @@ def curve_batch(
     seed: int = 0,
     batch_index: int = 0,
     fold_bn: bool = True,
+    compile_attack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example correctness at every checkpoint: (final-iterate, worst-iterate), each (len(checkpoints), B).
 
     Checkpoints that share an effective step (all of them with the fixed rule) come from one pass; under
     ``step_rule='max_eps_over_steps'`` the short checkpoints whose step is raised get their own runs, each
     starting from the same draws. Restarts: an example is correct only if it survives every restart.
-    ``fold_bn``: attack the BN-folded view of the model (the same function, faster; see :mod:`advkit.fold`).
+    ``fold_bn``: attack the BN-folded view of the model (the same function, faster; see :mod:`advkit.fold`);
+    ``compile_attack``: through ``torch.compile``.
     """
     checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
     groups: dict[float, list[int]] = {}
@@ -71,7 +73,7 @@ def curve_batch(
     position = {n: i for i, n in enumerate(checkpoints)}
     final = torch.ones(len(checkpoints), len(labels), dtype=torch.bool, device=labels.device)
     worst = final.clone()
-    with attacks.attack_mode(model, "running", fold_bn) as attacked:
+    with attacks.attack_mode(model, "running", fold_bn, compile_attack) as attacked:
         for group_step, group in groups.items():
             generator = batch_generator(seed, batch_index, images.device)
             wanted = set(group)
@@ -113,6 +115,7 @@ def robustness_curve(
     show_progress: bool = False,
     desc: str = "curve",
     fold_bn: bool = True,
+    compile_attack: bool = False,
 ) -> dict[str, np.ndarray]:
     """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` at each checkpoint.
 
@@ -141,7 +144,8 @@ def robustness_curve(
                 clean = model(images).argmax(1) == labels
             final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
                                        targeted=targeted, restarts=restarts, step_rule=step_rule,
-                                       num_classes=num_classes, seed=seed, batch_index=batch_index, fold_bn=fold_bn)
+                                       num_classes=num_classes, seed=seed, batch_index=batch_index, fold_bn=fold_bn,
+                                       compile_attack=compile_attack)
         mine[batch_index] = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
         if saved is not None:
             tmp = saved.with_suffix(f".tmp{ctx.rank}")
@@ -199,7 +203,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
                 step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
                 save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}",
-                fold_bn=cfg.attack_fold_bn)
+                fold_bn=cfg.attack_fold_bn, compile_attack=cfg.attack_compile)
         if distributed.context().main:
             np.savez_compressed(folder / "examples.npz", **curve)
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,

@@ -31,11 +31,17 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 
 
 def _set_folded(fused: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool = False) -> None:
+    """Fold into ``fused``: new parameters the first time, then in place (a compiled view keeps its graph)."""
     weight, bias = folded_weights(conv, bn)
     if channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    fused.bias = nn.Parameter(bias, requires_grad=False)
+    if fused.weight.is_meta:
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    else:
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
 
 
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool = False) -> nn.Conv2d:

@@ -21,7 +21,7 @@ def test_every_row_runs_in_quick_mode(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     table = pd.read_csv(out)
-    expected = {"pgd_vs_floor", "pgd_vs_torchattacks", "pgd_folded_vs_unfolded", "pgd_channels_last_vs_default",
+    expected = {"pgd_vs_floor", "pgd_vs_torchattacks", "pgd_folded_vs_unfolded", "pgd_channels_last_vs_default", "pgd_compiled_vs_default",
                 "curve_one_pass", "train_step_vs_floor", "mbn_vs_bn", "eval_memory", "loader_vs_train"}
     assert set(table["name"]) == expected
     assert (table["ratio"] > 0).all()

@@ -118,3 +118,18 @@ def test_folded_and_unfolded_attacks_agree_on_a_trained_model(clean_trained_mode
     final_plain, _ = evaluate.curve_batch(model, x, y, checkpoints=[3, 10], eps=16, step=1, num_classes=10,
                                           fold_bn=False)
     assert torch.equal(final_folded.float().mean(1), final_plain.float().mean(1))
+
+
+def test_a_compiled_attack_matches_and_follows_weight_changes(fmnist_test):
+    x, y = fmnist_test[0][:32], fmnist_test[1][:32]
+    model = _randomize_statistics(fmnist_model())
+    kw = dict(eps=16, step=1, steps=3, num_classes=10)
+    attack = lambda **extra: attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), **kw, **extra)
+    same = lambda a, b: ((a - b).abs() < 1e-6).float().mean().item()
+    first = attack(compile_attack=True)
+    assert same(first, attack()) > 0.999
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    changed = attack(compile_attack=True)  # the compiled view reads the refolded weights
+    assert same(changed, attack()) > 0.999 and same(changed, first) < 0.99
