@@ -21,6 +21,7 @@ from .norm import batch_norms
 from .validate import check_choice, check_range
 
 BN_MODES = ("running", "batch")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 STEP_RULES = ("fixed", "max_eps_over_steps")
 
 
@@ -38,27 +39,39 @@ def effective_step(eps: float, step: float, steps: int, step_rule: str = "fixed"
     return max(step, eps / steps) if step_rule == "max_eps_over_steps" and steps > 0 else step
 
 
-def compiled(module: nn.Module) -> nn.Module:
-    """``torch.compile(module)``, once per module (kept in its ``__dict__``, not as a submodule): the folded view
-    keeps its parameters (refolded in place), so a training run compiles its attack once, on the first step."""
-    if "_advkit_compiled" not in module.__dict__:
-        module.__dict__["_advkit_compiled"] = torch.compile(module)
-    return module.__dict__["_advkit_compiled"]
+def compile_mode(compile_attack: bool | str) -> str:
+    """'off' or a torch.compile mode from ``compile_attack`` (True: 'default'; 'reduce-overhead': CUDA graphs)."""
+    mode = {True: "default", False: "off"}.get(compile_attack, compile_attack) if isinstance(compile_attack, bool) \
+        else compile_attack
+    check_choice("compile_attack", mode, COMPILE_MODES)
+    return mode
+
+
+def compiled(module: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile(module, mode=mode)``, once per module and mode (kept in its ``__dict__``, not as a
+    submodule): the folded view keeps its parameters (refolded in place), so a training run compiles its
+    attack once, on the first step."""
+    cache = module.__dict__.setdefault("_advkit_compiled", {})
+    if mode not in cache:
+        cache[mode] = torch.compile(module, mode=mode)
+    return cache[mode]
 
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = False,
-                compile_attack: bool = False) -> Iterator[nn.Module]:
+                compile_attack: bool | str = False) -> Iterator[nn.Module]:
     """Run ``model`` for an attack: eval mode ('running') or BNs on batch statistics ('batch'); no parameter grads.
 
     Yields the module to attack: ``model``, or with ``fold_bn`` in 'running' mode its BN-folded view (the same
     function with every conv -> BN pair as one conv, see :mod:`advkit.fold`; on the CPU in channels_last memory
-    format, which ``make bench`` measured faster there), compiled with ``torch.compile`` if ``compile_attack``.
+    format, which ``make bench`` measured faster there), through ``torch.compile`` if ``compile_attack`` (True or
+    a mode of :data:`COMPILE_MODES`).
     On exit every module's train flag,
     every BN buffer (in 'batch' mode, where the forward passes would update them) and every parameter's
     ``requires_grad`` are restored.
     """
     check_choice("bn_mode", bn_mode, BN_MODES)
+    mode = compile_mode(compile_attack)
     training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     saved_buffers = []
@@ -73,7 +86,7 @@ def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = Fals
         attacked = model
         if fold_bn and bn_mode == "running":
             attacked = fold_batch_norms(model, channels_last=next(model.parameters()).device.type == "cpu")
-        yield compiled(attacked) if compile_attack else attacked
+        yield compiled(attacked, mode) if mode != "off" else attacked
     finally:
         for m, flag in training.items():
             m.training = flag
@@ -191,7 +204,7 @@ def pgd(
     step_rule: str = "fixed",
     bn_mode: str = "running",
     fold_bn: bool = True,
-    compile_attack: bool = False,
+    compile_attack: bool | str = False,
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -202,7 +215,8 @@ def pgd(
     an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
     Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0). With ``bn_mode='running'``
     the attack runs a BN-folded view of the model unless ``fold_bn=False`` (same function, fewer operations);
-    ``compile_attack`` runs it through ``torch.compile`` (the first call pays the compile time).
+    ``compile_attack`` runs it through ``torch.compile`` (True, or a mode: 'reduce-overhead' uses CUDA graphs on
+    a GPU; the first call pays the compile time).
     """
     check_pgd_arguments(eps, step, steps, clean_start_prob, restarts, step_rule, bn_mode)
     if targeted and targets is None and num_classes is None:

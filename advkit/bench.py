@@ -120,18 +120,22 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
     images_cl = images.contiguous(memory_format=torch.channels_last)
     reference = torchattacks.PGD(model, eps=16 / 255, alpha=1 / 255, steps=steps, random_start=True)
     reference.set_mode_targeted_random()
-    compiled = lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
-                                   generator=generator, compile_attack=True)
-    synchronize(device)
-    started = time.perf_counter()
-    compiled()  # the first call compiles
-    synchronize(device)
-    first_call = time.perf_counter() - started
+    modes = ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])  # the second: CUDA graphs
+    compiled, first_call = {}, {}
+    for mode in modes:
+        compiled[mode] = lambda mode=mode: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps,
+                                                       num_classes=NUM_CLASSES, generator=generator,
+                                                       compile_attack=mode)
+        synchronize(device)
+        started = time.perf_counter()
+        compiled[mode]()  # the first call compiles
+        synchronize(device)
+        first_call[mode] = time.perf_counter() - started
     times = median_seconds({
         "floor": lambda: floor_steps(model, images, goal, steps),
         "advkit": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
                                       generator=generator),
-        "compiled": compiled,
+        **{f"compiled[{mode}]": fn for mode, fn in compiled.items()},
         "unfolded": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
                                         generator=generator, fold_bn=False),
         "torchattacks": lambda: reference(images, labels),
@@ -143,9 +147,11 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
             Row("pgd_vs_torchattacks", arch, times["advkit"] / times["torchattacks"], 0.70, detail=detail),
             Row("pgd_folded_vs_unfolded", arch, times["advkit"] / times["unfolded"], 0.75, detail=detail),
             Row("pgd_channels_last_vs_default", arch, times["channels_last"] / times["advkit"], None, detail=detail),
-            Row("pgd_compiled_vs_default", arch, times["compiled"] / times["advkit"], None,
-                detail=f"torch.compile of the folded view: first call {first_call:.1f} s (compile time "
-                       f"{first_call - times['compiled']:.1f} s), then {times['compiled'] * 1e3:.0f} ms")]
+            *[Row("pgd_compiled_vs_default" if mode == "default" else "pgd_cudagraphs_vs_default", arch,
+                  times[f"compiled[{mode}]"] / times["advkit"], None,
+                  detail=f"torch.compile(mode={mode!r}) of the folded view: first call {first_call[mode]:.1f} s "
+                         f"(compile time {first_call[mode] - times[f'compiled[{mode}]']:.1f} s), then "
+                         f"{times[f'compiled[{mode}]'] * 1e3:.0f} ms") for mode in modes]]
 
 
 def curve_row(arch: str, device: torch.device, batch_size: int, checkpoints: list[int], repeats: int) -> Row:

@@ -72,7 +72,7 @@ class Config:
     train_clean_start_prob: float = 0.2  # per batch, as in the original pipeline
     attack_bn_mode: str = "running"  # BN statistics during attacks: running | batch
     attack_fold_bn: bool = True  # attacks on BN running statistics run a BN-folded view: same function, faster
-    attack_compile: bool = False  # torch.compile the attacked model (the first attack pays the compile time)
+    attack_compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile attacks
     # optimisation
     epochs: int = 2
     batch_size: int = 128  # global batch
@@ -236,6 +236,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     check_choice("device", cfg.device, DEVICES)
     check_choice("attack_bn_mode", cfg.attack_bn_mode, attacks.BN_MODES)
     check_choice("eval_step_rule", cfg.eval_step_rule, attacks.STEP_RULES)
+    check_choice("attack_compile", cfg.attack_compile, attacks.COMPILE_MODES)
     check_choice("adv_ratio", cfg.adv_ratio, [0, 1])
     for name in ("clean_ratio", "alpha", "train_clean_start_prob", "label_smoothing", "lr_decay_factor",
                  "exp_decay_rate", "momentum"):

@@ -56,7 +56,7 @@ def curve_batch(
     seed: int = 0,
     batch_index: int = 0,
     fold_bn: bool = True,
-    compile_attack: bool = False,
+    compile_attack: bool | str = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example correctness at every checkpoint: (final-iterate, worst-iterate), each (len(checkpoints), B).
 
@@ -64,7 +64,7 @@ def curve_batch(
     ``step_rule='max_eps_over_steps'`` the short checkpoints whose step is raised get their own runs, each
     starting from the same draws. Restarts: an example is correct only if it survives every restart.
     ``fold_bn``: attack the BN-folded view of the model (the same function, faster; see :mod:`advkit.fold`);
-    ``compile_attack``: through ``torch.compile``.
+    ``compile_attack``: through ``torch.compile`` (True or a mode, see :data:`attacks.COMPILE_MODES`).
     """
     checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
     groups: dict[float, list[int]] = {}
@@ -115,7 +115,7 @@ def robustness_curve(
     show_progress: bool = False,
     desc: str = "curve",
     fold_bn: bool = True,
-    compile_attack: bool = False,
+    compile_attack: bool | str = False,
 ) -> dict[str, np.ndarray]:
     """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` at each checkpoint.
 
