@@ -108,12 +108,13 @@ def verdict(low: float, high: float, direction: int = 1, margin: float = MARGIN,
     'reproduced' where the whole interval lies on the paper's side of zero; 'contradicted' where it lies on the
     other side; 'not reproduced at this scale' where it holds zero but stays inside +-margin (any effect is
     smaller than ``margin`` points); 'inconclusive' otherwise (too few seeds or too wide). A claim of nearness
-    (``near``) is reproduced where the interval lies above -margin and contradicted where it lies below."""
+    (``near``) is reproduced where the interval lies above -margin and contradicted where it lies below (with
+    ``direction=-1``: below +margin, and contradicted above it)."""
     if math.isnan(low) or math.isnan(high):
         return "inconclusive"
+    low, high = sorted((low * direction, high * direction))
     if near:
         return "reproduced" if low > -margin else "contradicted" if high < -margin else "inconclusive"
-    low, high = sorted((low * direction, high * direction))
     if low > 0:
         return "reproduced"
     if high < 0:
@@ -146,7 +147,7 @@ def _row(claim: str, measured: str, effect: pd.Series, paper: str, direction: in
         f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n={len(effect)})" if len(effect) > 1 else f"{mean:+.1f} (n=1)")
     return dict(claim=claim, measured=measured, kit=text, paper=paper,
                 verdict="not run yet" if effect.empty else verdict(low, high, direction, near=near),
-                mean=mean, low=low, high=high, seeds=len(effect))
+                mean=mean, low=low, high=high, seeds=len(effect), direction=direction)
 
 
 def _bn_ratio(bnstats: pd.DataFrame) -> pd.Series:
@@ -205,6 +206,9 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
              paired(acc("ft-clean", steps=0), acc("adv-clean0", steps=0)), "73.0 - 62.3 = +10.7"),
         _row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
              paired(acc("ft-adv"), acc("adv-clean0")), "PGD-2000: 0.0 - 39.2 = -39.2", direction=-1),
+        _row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
+                    "(the paper: no robustness gained; reproduced = gains less than 2 points)",
+             paired(acc("ft-adv"), acc("standard")), "PGD-2000: 0.0 after finetuning", direction=-1, near=True),
         _row("C8", f"gain from small_resnet8 to {deepest}: {strongest} of adversarial training minus clean "
                    "accuracy of standard training",
              paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
@@ -292,18 +296,18 @@ def plot_curves(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Fig
 
 def plot_claims(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Each claim's effect (percentage points) with its 95% interval; the sign the paper predicts is right of 0
-    after flipping claims whose predicted sign is negative (C7b)."""
+    after flipping claims whose predicted sign is negative (C7b, C7c)."""
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(table) + 1))
     for i, r in enumerate(table.itertuples()):
-        sign = -1 if r.claim == "C7b" else 1
         if r.seeds:
-            ax.errorbar(sign * r.mean, i, xerr=None if np.isnan(r.low) else [[sign * (r.mean - r.low) if sign > 0 else
-                        r.high - r.mean], [sign * (r.high - r.mean) if sign > 0 else r.mean - r.low]], fmt="o",
+            low, high = sorted((r.low * r.direction, r.high * r.direction))
+            xerr = None if np.isnan(low) else [[r.mean * r.direction - low], [high - r.mean * r.direction]]
+            ax.errorbar(r.mean * r.direction, i, xerr=xerr, fmt="o",
                         color={"reproduced": "tab:green", "contradicted": "tab:red"}.get(r.verdict, "tab:gray"))
         ax.text(1.02, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(table)), [f"{c}{' (sign flipped)' if c == 'C7b' else ''}" for c in table["claim"]],
-                  fontsize=7)
+    ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}"
+                                      for r in table.itertuples()], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("effect in the paper's predicted direction (percentage points; C9a: log2 ratio x 100)")
     ax.set_title("The paper's claims on Fashion-MNIST: effect and 95% interval over seeds", fontsize=9)

@@ -27,6 +27,8 @@ def test_t_interval_matches_the_textbook_formula():
     (-5.0, 6.0, 1, False, "inconclusive"),
     (-1.5, 3.0, 1, True, "reproduced"),
     (-6.0, -3.0, 1, True, "contradicted"),
+    (-1.0, 1.5, -1, True, "reproduced"),
+    (20.0, 30.0, -1, True, "contradicted"),
     (float("nan"), float("nan"), 1, False, "inconclusive"),
 ])
 def test_one_verdict_rule_for_every_claim(low, high, direction, near, expected):
