@@ -5,9 +5,10 @@ forward and the backward pass.
 
 The view is a ``torch.fx`` trace of the model in which each convolution whose only user is a BatchNorm (a
 Mixture BN's selected branch included: the trace follows ``branch``) is replaced by a new convolution holding
-the folded weights, detached from the model's parameters. The model itself is never modified; the view is a
-snapshot, to be built again after the weights change (O(parameters)). GroupNorm and BN in batch-statistics
-mode are not affine in this sense and stay as they are.
+the folded weights, detached from the model's parameters. The model itself is never modified. The trace is
+cached per model; every call of :func:`fold_batch_norms` folds the current weights and statistics into the
+cached view again, in place (O(parameters)), so a training attack always sees the step's weights. GroupNorm
+and BN in batch-statistics mode are not affine in this sense and stay as they are.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _foldable(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats and bn.running_var is not None
 
 
-# model -> (structure key, view, [(folded conv, conv, bn)]): a view is traced once per structure and branch
+# model -> (structure key, view or None, [(folded conv, conv, bn)]): traced once per structure and branch; None
+# where nothing folds (the model itself is the view, and a weak-keyed cache must not hold it)
 _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -85,13 +87,16 @@ def fold_batch_norms(model: nn.Module, channels_last: bool = False) -> nn.Module
         _, view, pairs = cached
         for fused, conv, bn in pairs:
             _set_folded(fused, conv, bn, channels_last)
-        return view
+        return model if view is None else view
     view, pairs = _trace_and_fold(model, channels_last)
-    _views[model] = (key, view, pairs)
+    _views[model] = (key, view if pairs else None, pairs)
     return view
 
 
-def _trace_and_fold(model: nn.Module, channels_last: bool) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]]]:
+Pair = tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]  # (folded conv in the view, the model's conv, its BN)
+
+
+def _trace_and_fold(model: nn.Module, channels_last: bool) -> tuple[nn.Module, list[Pair]]:
     graph = _Tracer().trace(model)
     view = fx.GraphModule(model, graph)
     modules = dict(view.named_modules())
