@@ -41,8 +41,7 @@ def effective_step(eps: float, step: float, steps: int, step_rule: str = "fixed"
 
 def compile_mode(compile_attack: bool | str) -> str:
     """'off' or a torch.compile mode from ``compile_attack`` (True: 'default'; 'reduce-overhead': CUDA graphs)."""
-    mode = {True: "default", False: "off"}.get(compile_attack, compile_attack) if isinstance(compile_attack, bool) \
-        else compile_attack
+    mode = ("default" if compile_attack else "off") if isinstance(compile_attack, bool) else compile_attack
     check_choice("compile_attack", mode, COMPILE_MODES)
     return mode
 
@@ -65,10 +64,8 @@ def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = Fals
     Yields the module to attack: ``model``, or with ``fold_bn`` in 'running' mode its BN-folded view (the same
     function with every conv -> BN pair as one conv, see :mod:`advkit.fold`; on the CPU in channels_last memory
     format, which ``make bench`` measured faster there), through ``torch.compile`` if ``compile_attack`` (True or
-    a mode of :data:`COMPILE_MODES`).
-    On exit every module's train flag,
-    every BN buffer (in 'batch' mode, where the forward passes would update them) and every parameter's
-    ``requires_grad`` are restored.
+    a mode of :data:`COMPILE_MODES`). On exit every module's train flag, every BN buffer (in 'batch' mode, where
+    the forward passes would update them) and every parameter's ``requires_grad`` are restored.
     """
     check_choice("bn_mode", bn_mode, BN_MODES)
     mode = compile_mode(compile_attack)
@@ -137,7 +134,8 @@ def pgd_iterations(
     eps-cube and [0, 1]. ``on_logits(i, logits)`` sees the logits of iterate i (0 = the start) for free, from
     the forward pass that computes its gradient; the final iterate's logits need one more forward pass.
     The model must already be in attack mode (see :func:`attack_mode`)."""
-    convert = getattr(getattr(model, "_orig_mod", model), "channels_last", False) and not images.is_contiguous(memory_format=torch.channels_last)
+    folded_channels_last = getattr(getattr(model, "_orig_mod", model), "channels_last", False)
+    convert = folded_channels_last and not images.is_contiguous(memory_format=torch.channels_last)
     if convert:  # a BN-folded view with channels_last weights: feed it channels_last, hand back the caller's layout
         images, start = (t.contiguous(memory_format=torch.channels_last) for t in (images, start))
     lower = (images - eps).clamp_(min=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import platform
 import statistics
@@ -78,11 +79,16 @@ def median_seconds(candidates: dict[str, Callable[[], object]], repeats: int, de
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+@functools.cache
+def _fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
+    return data.load_tensors("fashion-mnist", "test")  # read once: every row takes its batch from it
+
+
 def fashion_batch(batch_size: int, device: torch.device, image_size: int = 28, channels: int = 1,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of real Fashion-MNIST test images (random images of the given size for other shapes)."""
     if image_size == 28 and channels == 1:
-        images, labels = data.load_tensors("fashion-mnist", "test")
+        images, labels = _fashion_test()
         return data.to_device((images[:batch_size], labels[:batch_size]), device)
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(batch_size, channels, image_size, image_size, generator=g).to(device),

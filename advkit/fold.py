@@ -14,6 +14,7 @@ and BN in batch-statistics mode are not affine in this sense and stay as they ar
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -100,14 +101,14 @@ def _trace_and_fold(model: nn.Module, channels_last: bool) -> tuple[nn.Module, l
     graph = _Tracer().trace(model)
     view = fx.GraphModule(model, graph)
     modules = dict(view.named_modules())
-    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in list(graph.nodes):
         if node.op != "call_module" or not _foldable(modules[node.target]):
             continue
         source = node.args[0]
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and type(modules[source.target]) is nn.Conv2d and calls.count(source.target) == 1):
+                and type(modules[source.target]) is nn.Conv2d and calls[source.target] == 1):
             continue
         conv, bn = modules[source.target], modules[node.target]
         fused = folded_conv(conv, bn, channels_last)

@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from .config import project_root
+from .plots import save
 from .results import load_bnstats, load_runs
 
 TABLES_DIR = project_root() / "data" / "results" / "study"
@@ -245,8 +246,6 @@ CURVE_SETTINGS = [("standard", "-", "0% adv + 100% clean"), ("adv-clean0", "-", 
 
 
 def _save(fig: plt.Figure, name: str, folder: str | Path | None) -> None:
-    from .plots import save
-
     fig.tight_layout()
     save(fig, name, folder)
 
