@@ -109,11 +109,14 @@ def figure_statistics(
     eps: float = 16.0,
     step: float = 1.0,
     steps: int = 10,
+    clean_start_prob: float = 0.0,
+    bn_mode: str = "running",
 ) -> pd.DataFrame:
     """Figures 5 and 6 for ``model``: one tidy table with a ``figure`` column.
 
-    ``batches`` are (images in [0, 1], labels) mini-batches; each is attacked (targeted PGD, random start,
-    through MBN_adv for Mixture BN) and its BN input statistics recorded as ``batch1``, ``batch2``, ... beside
+    ``batches`` are (images in [0, 1], labels) mini-batches; each is attacked (targeted PGD, random start with
+    probability 1 - ``clean_start_prob``, BNs in ``bn_mode`` during the attack, through MBN_adv for Mixture BN:
+    give the run's training attack) and its BN input statistics recorded as ``batch1``, ``batch2``, ... beside
     the running statistics of the branch that normalised it.
     """
     layer = layer or default_layer(model)
@@ -127,7 +130,7 @@ def figure_statistics(
     with norm.use_branch(model, "adv") if mixture else contextlib.nullcontext():
         for i, (images, labels) in enumerate(batches, start=1):
             adversarial = attacks.pgd(model, images, labels, eps=eps, step=step, steps=steps, num_classes=num_classes,
-                                      generator=generator)
+                                      clean_start_prob=clean_start_prob, bn_mode=bn_mode, generator=generator)
             tables.append(batch_statistics(model, layer, adversarial, chosen, source=f"batch{i}")
                           .assign(branch="adv" if mixture else "-", figure=6))
     running = running_statistics(model, layer, chosen)
@@ -139,8 +142,9 @@ def figure_statistics(
 
 
 def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
-    """Figures 5-6 statistics of a trained run: two seeded random training mini-batches (at most 256 images),
-    attacked with the run's training attack."""
+    """Figures 5-6 statistics of a trained run: two mini-batches (at most 256 images) of the run's own training
+    images (its seeded subset, in its first epoch's order, without augmentation), attacked with the run's
+    training attack (eps, step, steps, clean-start probability, BN mode)."""
     from . import data
     from .distributed import context
     from .train import resolve_rank_device
@@ -148,7 +152,7 @@ def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     if not norm.batch_norms(model):
         return pd.DataFrame()
     device = resolve_rank_device(cfg, context())
-    loader = data.make_loader(cfg.dataset, "train", min(cfg.batch_size, 256), n=cfg.n_train, seed=cfg.seed + 1,
+    loader = data.make_loader(cfg.dataset, "train", min(cfg.batch_size, 256), n=cfg.n_train, seed=cfg.seed,
                               root=cfg.data_root, augment=False)
     batches = []
     for batch in loader:
@@ -157,4 +161,5 @@ def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
             break
     return figure_statistics(model, batches, num_classes=data.DATASETS[cfg.dataset].num_classes,
                              layer=cfg.bnstats_layer, channels=cfg.bnstats_channels, seed=cfg.seed,
-                             eps=cfg.train_eps, step=cfg.train_step, steps=cfg.train_steps)
+                             eps=cfg.train_eps, step=cfg.train_step, steps=cfg.train_steps,
+                             clean_start_prob=cfg.train_clean_start_prob, bn_mode=cfg.attack_bn_mode)

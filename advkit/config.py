@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from . import attacks, data, models
+from . import norm as norm_module
 from .validate import check_choice, check_range
 
 OPTIMIZERS = ("sgd", "rmsprop")
 SCHEDULES = ("step", "exp")
+EQ1_WEIGHTINGS = ("share", "per_image")
+LIST_PARAMETERS = ("lr_decay_epochs", "eval_checkpoints")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -49,8 +52,8 @@ class Config:
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagenet
     data_root: str | None = None  # None: $ADVKIT_DATA or <repo>/data (imagenet: <that>/imagenet)
-    n_train: int | None = 2048  # seeded training subset; None: all
-    n_test: int | None = 256  # seeded evaluation subset; None: all
+    n_train: int | None = 2048  # seeded training subset; 'all': every image
+    n_test: int | None = 256  # seeded evaluation subset; 'all': every image
     num_workers: int = 0
     # model
     arch: str = "small_resnet8"  # small_resnet{8..110} or resnet{50..638}
@@ -61,6 +64,7 @@ class Config:
     adv_ratio: float = 1.0  # 1: every image attacked; 0: standard training
     clean_ratio: float = 0.0  # X of "100% adv + X% clean"
     alpha: float = 0.5  # Eq. 1: alpha * J(clean) + (1 - alpha) * J(adv)
+    eq1_weighting: str = "share"  # X < 100%: share (clean images carry alpha of the loss) | per_image (each image alike)
     alp_weight: float = 0.0  # adversarial logit pairing: weight of mean squared clean/adv logit distance (ALP: 0.5)
     running_stats_epochs: int = 0  # last K epochs normalise with BN running statistics (paper: 10 of 110)
     finetune_bn: bool = False  # train only BN parameters, starting from init_checkpoint (Section 4.4)
@@ -86,7 +90,8 @@ class Config:
     schedule: str = "step"  # step | exp
     lr_decay_epochs: list[int] = field(default_factory=list)  # step schedule: x lr_decay_factor at these epochs
     lr_decay_factor: float = 0.1
-    exp_decay_rate: float = 0.94  # exp schedule: lr x rate ** epoch
+    exp_decay_rate: float = 0.94  # exp schedule: lr x rate ** floor(epoch / exp_decay_epochs)
+    exp_decay_epochs: float = 1.0  # exp schedule: epochs between decays (ALP's RMSProp recipe: 2)
     checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
     # evaluation (the paper's protocol: targeted, random start)
     eval_eps: float = 16.0
@@ -96,6 +101,7 @@ class Config:
     eval_restarts: int = 1  # random restarts; an example must survive all of them
     eval_step_rule: str = "fixed"  # fixed | max_eps_over_steps (the original pipeline's max(step, eps / N))
     eval_batch_size: int = 256
+    eval_bf16: bool = False  # evaluate under bf16 autocast (CUDA); default fp32, recorded in results.csv
     sanity_n: int = 256  # test images for the sanity checks (0: skip them)
     bnstats_channels: int = 20  # channels sampled for Figures 5 and 6 (0: skip BN statistics)
     bnstats_layer: str | None = None  # a norm layer's module name; None: the middle block of the third stage
@@ -162,42 +168,74 @@ def make_config(preset: str | None = None, *, check_paths: bool = True, **overri
         check_choice("preset", preset, list(PRESETS))
         values.update(PRESETS[preset])
     values.update(overrides)
+    for name in ("n_train", "n_test"):
+        if values.get(name) == "all":
+            values[name] = None
     cfg = Config(**values)
     validate(cfg, check_paths=check_paths)
     return cfg
 
 
+def _preset_values(name: str) -> str:
+    """What a parameter left at None in the notebook becomes under each preset, for its help text."""
+    default = getattr(Config(), name)
+    values = {preset: PRESETS[preset].get(name, default) for preset in ("test", "demo", "paper")}
+    if len(set(map(repr, values.values()))) == 1:
+        return f"[None: {default!r}]"
+    return "[None: " + ", ".join(f"{preset} {value!r}" for preset, value in values.items()) + "]"
+
+
 def parameters_cell() -> str:
-    """The experiment notebook's ``parameters`` cell, generated from :class:`Config` with the ``test`` preset's
-    values and each field's comment as help, in the form papermill documents (``Optional[...]``, no '=' in help).
-    The committed notebook must hold exactly this (a test checks it)."""
+    """The experiment notebook's ``parameters`` cell, generated from :class:`Config`: every parameter defaults to
+    ``None``, meaning "the preset's value" (each preset's value is in its help text), so any value passed with
+    papermill wins, even one equal to a preset's. Written in the form papermill documents (``Optional[...]``, no
+    '=' in help). The committed notebook must hold exactly this (a test checks it)."""
     import inspect
     import re
 
     source = inspect.getsource(Config)
-    values = make_config("test").to_dict()
-    lines = ['preset: str = "test"  # test | demo | paper: parameters left at these defaults take the preset\'s values']
+    lines = ['preset: str = "test"  # test | demo | paper: every parameter left at None takes the preset\'s value']
     for f in dataclasses.fields(Config):
         match = re.search(rf"^\s+{f.name}: (.+?) = .*?(?:  # (.*))?$", source, re.MULTILINE)
         annotation, help_text = match.group(1), match.group(2)
         if annotation.endswith(" | None"):
-            annotation = f"Optional[{annotation[:-7]}]"
-        line = f"{f.name}: {annotation} = {values[f.name]!r}"
-        lines.append(line + (f"  # {help_text}" if help_text else ""))
+            annotation = annotation[:-7]
+        help_text = f"{help_text} {_preset_values(f.name)}" if help_text else _preset_values(f.name)
+        lines.append(f"{f.name}: Optional[{annotation}] = None  # {help_text}")
     return "\n".join(lines)
 
 
+def _parse_list(name: str, value: Any) -> Any:
+    """A list-valued parameter passed as text (``papermill -p lr_decay_epochs "[2]"``) parsed as YAML."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = None
+    if not isinstance(parsed, list):
+        raise ValueError(f"{name}={value!r} is not accepted; give a list such as [2, 4] (papermill: -p {name} "
+                         f"'[2, 4]' or -y '{name}: [2, 4]')")
+    return parsed
+
+
 def config_from_parameters(parameters: dict[str, Any]) -> Config:
-    """The Config of a notebook run: its ``preset``, then every parameter that differs from the notebook's
-    defaults (the ``test`` preset's values), so ``-p preset demo -p clean_ratio 0.5`` means what it says.
-    Unknown names (typos passed through papermill) are rejected with the list of valid ones."""
+    """The Config of a notebook run: its ``preset``, then every parameter that is not None. An explicitly passed
+    value always wins, whatever its value (``-p preset demo -p train_steps 2`` trains with PGD-2); None means
+    the preset's value (``n_train='all'`` asks for every image). Unknown names (typos passed through papermill)
+    are rejected with the list of valid ones; list-valued parameters given as text are parsed."""
     parameters = dict(parameters)
-    preset = parameters.pop("preset", "test")
-    defaults = make_config("test").to_dict()
-    unknown = sorted(set(parameters) - set(defaults))
+    preset = parameters.pop("preset", None) or "test"
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(parameters) - known)
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters: {['preset', *sorted(defaults)]}")
-    overrides = {k: v for k, v in parameters.items() if v != defaults[k]}
+        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters: {['preset', *sorted(known)]}")
+    overrides = {k: v for k, v in parameters.items() if v is not None}
+    for name in LIST_PARAMETERS:
+        if name in overrides:
+            overrides[name] = _parse_list(name, overrides[name])
     return make_config(preset, **overrides)
 
 
@@ -237,6 +275,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     check_choice("attack_bn_mode", cfg.attack_bn_mode, attacks.BN_MODES)
     check_choice("eval_step_rule", cfg.eval_step_rule, attacks.STEP_RULES)
     check_choice("attack_compile", cfg.attack_compile, attacks.COMPILE_MODES)
+    check_choice("eq1_weighting", cfg.eq1_weighting, EQ1_WEIGHTINGS)
     check_choice("adv_ratio", cfg.adv_ratio, [0, 1])
     for name in ("clean_ratio", "alpha", "train_clean_start_prob", "label_smoothing", "lr_decay_factor",
                  "exp_decay_rate", "momentum"):
@@ -259,6 +298,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     check_range("weight_decay", cfg.weight_decay, 0)
     check_range("alp_weight", cfg.alp_weight, 0)
     check_range("warmup_epochs", cfg.warmup_epochs, 0, cfg.epochs)
+    check_range("exp_decay_epochs", cfg.exp_decay_epochs, 0, low_open=True)
     if not isinstance(cfg.lr_decay_epochs, (list, tuple)) or any(
             not isinstance(e, int) or not 0 < e <= cfg.epochs for e in cfg.lr_decay_epochs):
         raise ValueError(f"lr_decay_epochs={cfg.lr_decay_epochs!r} is not accepted; give a list of epochs in "
@@ -291,4 +331,43 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":
         raise ValueError(f"arch={cfg.arch!r} is for 28-32 px images, not dataset='imagenet'; use resnet50..resnet638")
+    if cfg.adv_ratio == 1 and (cfg.train_steps == 0 or cfg.train_step == 0 or cfg.train_eps == 0):
+        raise ValueError(f"train_eps={cfg.train_eps}, train_step={cfg.train_step}, train_steps={cfg.train_steps} is "
+                         "not accepted for adversarial training (adv_ratio=1): an attack that never moves trains on "
+                         "clean images; give all three > 0, or adv_ratio=0 for standard training")
+    if cfg.eval_eps > 0 and cfg.eval_step == 0:
+        raise ValueError(f"eval_step=0 is not accepted with eval_eps={cfg.eval_eps}: the evaluation attack would never "
+                         "move from its random start; give eval_step > 0")
+    _check_model_parameters(cfg)
     return cfg
+
+
+def _check_model_parameters(cfg: Config) -> None:
+    """Parameters that only the model can judge (``bnstats_layer``, ``gn_groups``), checked on a model built on
+    the meta device (no memory, no compute), so a typo fails before training rather than after it."""
+    import torch
+
+    info = data.DATASETS[cfg.dataset]
+    try:
+        with torch.device("meta"):
+            model = models.build_model(cfg.arch, info.num_classes, cfg.norm, in_channels=info.channels,
+                                       mean=info.mean, std=info.std, width_multiplier=cfg.width_multiplier,
+                                       gn_groups=cfg.gn_groups)
+    except ValueError as exc:
+        raise ValueError(f"arch={cfg.arch!r}, norm={cfg.norm!r}, gn_groups={cfg.gn_groups}, width_multiplier="
+                         f"{cfg.width_multiplier} do not make a model: {exc}") from None
+    if cfg.bnstats_layer is None and cfg.bnstats_channels and norm_module.batch_norms(model):
+        from .bnstats import default_layer
+
+        try:
+            default_layer(model)
+        except ValueError as exc:
+            raise ValueError(f"bnstats_layer=None is not accepted for arch={cfg.arch!r}: {exc}") from None
+    if cfg.bnstats_layer is not None and cfg.bnstats_channels:
+        from .bnstats import norm_layer_names
+
+        names = norm_layer_names(model)
+        if cfg.bnstats_layer not in names:
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise ValueError(f"bnstats_layer={cfg.bnstats_layer!r} is not accepted; the BN layers of {cfg.arch} with "
+                             f"norm={cfg.norm!r} are: {shown or 'none (no BN layer: set bnstats_channels=0)'}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import attacks, data, distributed, norm
+from . import attacks, data, distributed, models, norm
 from .validate import check_choice, check_range
 
 PAPER_CHECKPOINTS = (10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -182,26 +182,32 @@ def _spec_dir(root: Path, spec: dict, write: bool = True) -> Path:
 def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.DataFrame:
     """The run's robustness curves, through every MBN branch, as one tidy table (also per-example results).
 
-    Per-example results go to ``<run>/eval/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
+    Per-example results go to ``<run>/eval/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete). The
+    hash covers the evaluation's spec, the batch size and the digest of the evaluated weights and buffers, so
+    saved batches are reused only for the same model and batches (a run extended by more epochs is evaluated
+    afresh). Every row names the weights (``weights``), the precision and the device it was computed with.
     """
-    from .train import autocast, resolve_rank_device, uses_channels_last
+    from .train import device_name, eval_autocast, resolve_rank_device, uses_channels_last
 
     device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
     branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
+    weights = models.weights_digest(model)
+    precision = "bf16" if cfg.eval_bf16 else "fp32"
     tables = []
     for branch in branches:
         spec = dict(branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps, step=cfg.eval_step,
                     restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.seed, n=cfg.n_test,
-                    checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset)
+                    checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset, batch_size=cfg.eval_batch_size,
+                    weights=weights, precision=precision)
         folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             curve = robustness_curve(
                 model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=cfg.eval_checkpoints,
                 eps=cfg.eval_eps, step=cfg.eval_step, targeted=cfg.eval_targeted, restarts=cfg.eval_restarts,
                 step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
-                channels_last=uses_channels_last(cfg, device), autocast_ctx=autocast(cfg, device),
+                channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
                 save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}",
                 fold_bn=cfg.attack_fold_bn, compile_attack=cfg.attack_compile)
         if distributed.context().main:
@@ -209,7 +215,8 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
                                   step=cfg.eval_step, step_rule=cfg.eval_step_rule, restarts=cfg.eval_restarts,
                                   seed=cfg.seed))
-    return pd.concat(tables, ignore_index=True)
+    table = pd.concat(tables, ignore_index=True)
+    return table.assign(weights=weights, precision=precision, device=device_name(device))
 
 
 def sanity_checks(

@@ -122,4 +122,5 @@ def _trace_and_fold(model: nn.Module, channels_last: bool) -> tuple[nn.Module, l
     view.delete_all_unused_submodules()
     view.recompile()
     view.channels_last = channels_last
-    return view.eval(), pairs
+    view.training = False  # the view's own flag only: its submodules are the model's, whose flags are not ours
+    return view, pairs

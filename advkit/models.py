@@ -170,3 +170,16 @@ def count_layers(model: nn.Module) -> int:
     convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     shortcuts = sum(1 for name, m in model.named_modules() if name.endswith("downsample.0"))
     return convs - shortcuts
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every parameter and buffer: names, dtypes, shapes and values. It names the
+    exact state a number was computed from, so saved evaluation results are reused only for the same weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]

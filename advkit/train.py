@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -61,19 +62,87 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
 
 
+def eval_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """Evaluation precision: fp32 unless ``eval_bf16`` (training's bf16 default does not carry over, so that a
+    robustness number never depends on a precision nobody chose)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.eval_bf16)
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware a number was computed on: the GPU's name, or the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+def environment(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """What decides a run's numbers besides its config: library versions, hardware, threads, precision,
+    folding, determinism flags and the code's commit (written to ``environment.json`` of every run)."""
+    import numpy
+    import torchvision
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "device": device_name(device), "torch_threads": torch.get_num_threads(),
+            "train_precision": "bf16" if uses_bf16(cfg, device) else "fp32",
+            "eval_precision": "bf16" if cfg.eval_bf16 else "fp32", "attack_fold_bn": cfg.attack_fold_bn,
+            "attack_compile": cfg.attack_compile, "channels_last": uses_channels_last(cfg, device),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "code": code_version()}
+    if device.type == "cuda":
+        info |= {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    return info
+
+
+def code_version() -> str:
+    """The git commit of the kit's code, with '+dirty' when files differ from it ('unknown' outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "advkit"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def build_model(cfg: Config) -> nn.Module:
     info = data.DATASETS[cfg.dataset]
     return models.build_model(cfg.arch, info.num_classes, cfg.norm, in_channels=info.channels, mean=info.mean,
                               std=info.std, width_multiplier=cfg.width_multiplier, gn_groups=cfg.gn_groups)
 
 
+def check_loadable(cfg: Config, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming ``init_checkpoint`` unless ``state`` fits the configured model (tried on the meta
+    device: no memory, no compute), before the run folder is written."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": intended
+            model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).split("\n\t")[1:3]
+        raise ValueError(f"init_checkpoint={cfg.init_checkpoint!r} does not fit arch={cfg.arch!r}, norm={cfg.norm!r} "
+                         f"on {cfg.dataset}: {'; '.join(first) or exc}") from None
+
+
 def learning_rate(cfg: Config, epoch: float) -> float:
-    """lr at fractional ``epoch``: lr * batch / 256, linear warm-up, then step or exponential decay."""
+    """lr at fractional ``epoch``: lr * batch / 256, linear warm-up, then step decay or exponential decay by
+    ``exp_decay_rate`` every ``exp_decay_epochs`` (ALP's recipe: 0.94 every 2 epochs)."""
     base = cfg.lr * cfg.batch_size / 256
     if epoch < cfg.warmup_epochs:
         return base * (epoch + 1e-12) / cfg.warmup_epochs
     if cfg.schedule == "exp":
-        return base * cfg.exp_decay_rate ** math.floor(epoch)
+        return base * cfg.exp_decay_rate ** math.floor(epoch / cfg.exp_decay_epochs + 1e-9)
     return base * cfg.lr_decay_factor ** sum(epoch >= e for e in cfg.lr_decay_epochs)
 
 
@@ -116,6 +185,23 @@ class TrainingForward(nn.Module):
                 logits[n_adv:] if clean is not None else None)
 
 
+def eq1_loss(loss_clean: torch.Tensor, loss_adv: torch.Tensor, n_clean: int, n_adv: int, alpha: float,
+             weighting: str = "share") -> torch.Tensor:
+    """Eq. 1 (Section 4.1) from the mean losses of the clean and adversarial images of a batch.
+
+    The paper defines ``alpha * J(clean) + (1 - alpha) * J(adv)`` for full clean/adversarial pairs. With only X%
+    of the clean images kept, two readings differ: ``'share'`` (the kit's default) gives the kept clean images
+    together a share alpha of the loss however many they are (at X = 0.2 each weighs about 5 adversarial
+    images); ``'per_image'`` weighs every clean image alpha and every adversarial one 1 - alpha, normalised by
+    the total weight (one mean over the concatenated batch for alpha = 0.5). At X = 100% both are Eq. 1."""
+    if weighting == "share":
+        return alpha * loss_clean + (1 - alpha) * loss_adv
+    if weighting == "per_image":
+        total = alpha * n_clean + (1 - alpha) * n_adv
+        return (alpha * n_clean * loss_clean + (1 - alpha) * n_adv * loss_adv) / total
+    raise ValueError(f"eq1_weighting={weighting!r} is not accepted; choose one of ['share', 'per_image']")
+
+
 def training_loss(
     model: nn.Module,
     images: torch.Tensor,
@@ -128,8 +214,8 @@ def training_loss(
     """The loss of one batch under the configured strategy, and batch statistics for the logs.
 
     ``100% adv + X% clean``: every image is attacked (targeted PGD through MBN_adv); a random X of the clean
-    images is kept; loss = alpha * J(clean) + (1 - alpha) * J(adv) (J(adv) alone when X = 0), plus the ALP
-    penalty. ``model`` is the plain model, which the attack runs on (under DDP it never triggers an
+    images is kept; loss = alpha * J(clean) + (1 - alpha) * J(adv) (J(adv) alone when X = 0; see :func:`eq1_loss`
+    for the weighting when X < 100%), plus the ALP penalty. ``model`` is the plain model, which the attack runs on (under DDP it never triggers an
     all-reduce); ``forward`` is its :class:`TrainingForward`, possibly wrapped by DDP or torch.compile.
     """
     forward = forward if forward is not None else TrainingForward(model)
@@ -159,7 +245,7 @@ def training_loss(
     if logits_clean is None:
         return loss_adv, stats
     loss_clean = F.cross_entropy(logits_clean.float(), labels[keep], label_smoothing=cfg.label_smoothing)
-    loss = cfg.alpha * loss_clean + (1 - cfg.alpha) * loss_adv
+    loss = eq1_loss(loss_clean, loss_adv, n_keep, len(labels), cfg.alpha, cfg.eq1_weighting)
     if cfg.alp_weight > 0:
         penalty = cfg.alp_weight * (logits_clean.float() - logits_adv[keep].float()).pow(2).mean()
         stats["alp_penalty"] = penalty.item()
@@ -371,6 +457,8 @@ def train(cfg: Config, show_progress: bool = True) -> nn.Module:
     validate(cfg)
     data.check_available(cfg.dataset, cfg.data_root)
     init_model = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
+    if init_model is not None:
+        check_loadable(cfg, init_model)
     ctx = distributed.init_from_env()
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with {ctx.world_size} processes: the global "
@@ -380,6 +468,7 @@ def train(cfg: Config, show_progress: bool = True) -> nn.Module:
     with sigterm_flag() as sigterm:  # from 'running' on, a SIGTERM stops the run at a step boundary
         if ctx.main:
             cfg.save(run_dir / "config.json")  # on resume: the resolved config of the continuing run
+            (run_dir / "environment.json").write_text(json.dumps(environment(cfg, device), indent=2))
             write_status(run_dir, "running")
         distributed.barrier(ctx)
         try:
@@ -516,6 +605,30 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
         checkpoint(epoch + 1, 0)
     model.eval()
     return model
+
+
+def load_run(run_dir: str | Path, branch: str | None = None, device: str | torch.device = "cpu"
+             ) -> tuple[Config, nn.Module]:
+    """A finished (or checkpointed) run's Config and trained model, in eval mode on ``device``, with the weights
+    of its last checkpoint (the state its results were computed from). ``branch`` ('clean' or 'adv') routes a
+    Mixture BN model through that branch; None leaves it as saved (switch with ``norm.use_branch``).
+
+        cfg, model = advkit.load_run("runs/demo/adv100clean-mbn", branch="adv")
+    """
+    from .config import config_from_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not a run folder: it has no config.json")
+    cfg = config_from_file(run_dir / "config.json")
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(run_dir)["model"])
+    if branch is not None:
+        if not norm.has_mixture_bn(model):
+            raise ValueError(f"branch={branch!r} is not accepted: run {run_dir} has norm={cfg.norm!r}, no Mixture BN; "
+                             "give branch=None")
+        norm.set_branch(model, branch)
+    return cfg, model.to(device).eval()
 
 
 def run(cfg: Config, show_progress: bool = True):

@@ -86,7 +86,7 @@ def test_experiment_notebook_rejects_unknown_parameters(tmp_path):
                                    str(tmp_path / "out.ipynb"), parameters={"clean_ratoi": 0.5}, progress_bar=False)
 
 
-def test_experiment_notebook_parameters_are_the_config_with_test_defaults():
+def test_experiment_notebook_parameters_are_the_config_and_default_to_the_preset():
     import nbformat
     from typing import Optional
 
@@ -99,7 +99,8 @@ def test_experiment_notebook_parameters_are_the_config_with_test_defaults():
     exec(cell.source, namespace)
     namespace = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "Optional"}
     assert namespace.pop("preset") == "test"
-    assert namespace == config.make_config("test").to_dict()
+    assert set(namespace.values()) == {None}  # every parameter: the preset's value
+    assert config.config_from_parameters(namespace) == config.make_config("test")
     documented = {p.name: p.help for p in PythonTranslator.inspect(cell)}  # what papermill --help-notebook shows
     assert set(documented) == {"preset", *namespace}
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed stripped

@@ -159,9 +159,9 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
 
 
 def test_notebook_parameters_mean_preset_plus_changes():
-    cfg = config.config_from_parameters({"preset": "demo", "clean_ratio": 0.5, "n_train": 512})
+    cfg = config.config_from_parameters({"preset": "demo", "clean_ratio": 0.5, "n_train": None})
     assert cfg.clean_ratio == 0.5 and cfg.epochs == config.PRESETS["demo"]["epochs"]
-    assert cfg.n_train == config.PRESETS["demo"]["n_train"]  # left at the notebook default: the preset's value
+    assert cfg.n_train == config.PRESETS["demo"]["n_train"]  # left at the notebook default (None): the preset's value
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]; valid parameters: \['preset'"):
         config.config_from_parameters({"epoch": 3})
 
