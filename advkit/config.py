@@ -60,6 +60,7 @@ class Config:
     width_multiplier: int = 1  # small ResNets only
     norm: str = "bn"  # bn | mbn (Mixture BN) | gn (GroupNorm)
     gn_groups: int = 32
+    zero_init_residual: bool | None = None  # zero scale of each residual block's last norm; None: ImageNet ResNets only
     # strategy
     adv_ratio: float = 1.0  # 1: every image attacked; 0: standard training
     clean_ratio: float = 0.0  # X of "100% adv + X% clean"
@@ -116,6 +117,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return resolve_output(self.runs_root) / self.name
+
+    @property
+    def zero_init(self) -> bool:
+        """Whether residual blocks start with a zero last-norm scale: as set, else for the ImageNet ResNets only."""
+        return not self.arch.startswith("small_") if self.zero_init_residual is None else self.zero_init_residual
 
     @property
     def strategy(self) -> str:
@@ -352,7 +358,7 @@ def _check_model_parameters(cfg: Config) -> None:
         with torch.device("meta"):
             model = models.build_model(cfg.arch, info.num_classes, cfg.norm, in_channels=info.channels,
                                        mean=info.mean, std=info.std, width_multiplier=cfg.width_multiplier,
-                                       gn_groups=cfg.gn_groups)
+                                       gn_groups=cfg.gn_groups, zero_init_residual=cfg.zero_init)
     except ValueError as exc:
         raise ValueError(f"arch={cfg.arch!r}, norm={cfg.norm!r}, gn_groups={cfg.gn_groups}, width_multiplier="
                          f"{cfg.width_multiplier} do not make a model: {exc}") from None

@@ -117,7 +117,8 @@ def code_version() -> str:
 def build_model(cfg: Config) -> nn.Module:
     info = data.DATASETS[cfg.dataset]
     return models.build_model(cfg.arch, info.num_classes, cfg.norm, in_channels=info.channels, mean=info.mean,
-                              std=info.std, width_multiplier=cfg.width_multiplier, gn_groups=cfg.gn_groups)
+                              std=info.std, width_multiplier=cfg.width_multiplier, gn_groups=cfg.gn_groups,
+                              zero_init_residual=cfg.zero_init)
 
 
 def check_loadable(cfg: Config, state: dict[str, torch.Tensor]) -> None:

@@ -81,3 +81,22 @@ def test_bad_model_arguments_name_the_parameter(kwargs, param):
 def test_small_resnet_unknown_depth_lists_accepted_values():
     with pytest.raises(ValueError, match=r"depth=21 .*\[8, 14, 20"):
         models.small_resnet(21)
+
+
+@pytest.mark.parametrize("arch, dataset, setting, zero", [
+    ("small_resnet8", "fashion-mnist", None, False),  # the small ResNets: off unless asked for
+    ("small_resnet8", "fashion-mnist", True, True),
+    ("resnet50", "imagenet", None, True),  # the ImageNet ResNets: on, as the original pipeline
+    ("resnet50", "imagenet", False, False),
+])
+def test_zero_init_of_the_last_norm_in_each_block_follows_the_config(arch, dataset, setting, zero):
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from advkit import config, train
+
+    cfg = config.make_config("test", arch=arch, dataset=dataset, zero_init_residual=setting)
+    model = train.build_model(cfg)
+    lasts = [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in model.modules()
+             if isinstance(b, (Bottleneck, BasicBlock))]
+    assert lasts and cfg.zero_init is zero
+    assert all(bool((bn.weight == 0).all()) is zero for bn in lasts)

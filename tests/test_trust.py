@@ -220,3 +220,20 @@ def test_load_run_gives_the_config_and_the_evaluated_model(tmp_path):
     assert norm.get_branch(model) == "adv"
     with pytest.raises(FileNotFoundError, match="is not a run folder"):
         advkit.load_run(tmp_path / "nothing")
+
+
+def test_a_sweep_point_and_the_same_config_run_directly_give_identical_weights(tmp_path):
+    """Defect 7: same configuration, same numbers on one machine (the sweep runs the point through papermill in
+    a fresh kernel; the direct run is this process)."""
+    from advkit import sweep
+
+    point = dict(TINY, preset="test", name="p", clean_ratio=0.5, norm="mbn")
+    (tmp_path / "s.yaml").write_text(json.dumps({"runs_root": str(tmp_path / "swept"), "points": [point]}))
+    assert sweep.run_sweep(tmp_path / "s.yaml", progress=False)["done"] == ["p"]
+    direct = make_config("test", **{k: v for k, v in point.items() if k != "preset"} | dict(runs_root=str(tmp_path)))
+    train.run(direct, show_progress=False)
+    swept = train.load_checkpoint(tmp_path / "swept" / "p")["model"]
+    mine = train.load_checkpoint(direct.run_dir)["model"]
+    assert swept.keys() == mine.keys() and all(torch.equal(swept[k], mine[k]) for k in mine)
+    assert pd.read_csv(tmp_path / "swept" / "p" / "results.csv")["accuracy"].tolist() == \
+        pd.read_csv(direct.run_dir / "results.csv")["accuracy"].tolist()
