@@ -18,7 +18,7 @@ from . import norm as norm_module
 from .validate import check_choice, check_range
 
 OPTIMIZERS = ("sgd", "rmsprop")
-SCHEDULES = ("step", "exp")
+SCHEDULES = ("step", "exp", "cosine")
 EQ1_WEIGHTINGS = ("share", "per_image")
 LIST_PARAMETERS = ("lr_decay_epochs", "eval_checkpoints")
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,7 +88,7 @@ class Config:
     weight_decay: float = 1e-4  # conv and linear weights only
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
-    schedule: str = "step"  # step | exp
+    schedule: str = "step"  # step | exp | cosine (to 0 at the last epoch, after the warm-up)
     lr_decay_epochs: list[int] = field(default_factory=list)  # step schedule: x lr_decay_factor at these epochs
     lr_decay_factor: float = 0.1
     exp_decay_rate: float = 0.94  # exp schedule: lr x rate ** floor(epoch / exp_decay_epochs)

@@ -137,11 +137,15 @@ def check_loadable(cfg: Config, state: dict[str, torch.Tensor]) -> None:
 
 
 def learning_rate(cfg: Config, epoch: float) -> float:
-    """lr at fractional ``epoch``: lr * batch / 256, linear warm-up, then step decay or exponential decay by
-    ``exp_decay_rate`` every ``exp_decay_epochs`` (ALP's recipe: 0.94 every 2 epochs)."""
+    """lr at fractional ``epoch``: lr * batch / 256, linear warm-up, then step decay, exponential decay by
+    ``exp_decay_rate`` every ``exp_decay_epochs`` (ALP's recipe: 0.94 every 2 epochs), or a cosine to 0 at the
+    last epoch (the short recipes of the embedded study)."""
     base = cfg.lr * cfg.batch_size / 256
     if epoch < cfg.warmup_epochs:
         return base * (epoch + 1e-12) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-12)
+        return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if cfg.schedule == "exp":
         return base * cfg.exp_decay_rate ** math.floor(epoch / cfg.exp_decay_epochs + 1e-9)
     return base * cfg.lr_decay_factor ** sum(epoch >= e for e in cfg.lr_decay_epochs)

@@ -237,3 +237,10 @@ def test_a_sweep_point_and_the_same_config_run_directly_give_identical_weights(t
     assert swept.keys() == mine.keys() and all(torch.equal(swept[k], mine[k]) for k in mine)
     assert pd.read_csv(tmp_path / "swept" / "p" / "results.csv")["accuracy"].tolist() == \
         pd.read_csv(direct.run_dir / "results.csv")["accuracy"].tolist()
+
+
+def test_cosine_schedule_runs_from_the_warm_up_to_zero():
+    cfg = make_config("test", schedule="cosine", epochs=10, warmup_epochs=2, lr_decay_epochs=[])
+    base = cfg.lr * cfg.batch_size / 256
+    got = [train.learning_rate(cfg, e) for e in (1.0, 2.0, 6.0, 10.0)]
+    assert got == pytest.approx([base / 2, base, base / 2, 0.0], abs=1e-12)
