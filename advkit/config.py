@@ -245,6 +245,29 @@ def config_from_parameters(parameters: dict[str, Any]) -> Config:
     return make_config(preset, **overrides)
 
 
+# What may differ between a run and its resumption: where things live, how it is evaluated and logged, and
+# nothing that changes the weights of the epochs already trained.
+RESUME_FREE = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
+               "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device")
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The parameters of ``cfg`` that a resumed run may not change from the ``saved`` config (its checkpoint's):
+    anything that alters what is trained. ``epochs`` may grow (the run is extended and evaluated afresh), unless
+    the schedule or the running-statistics epochs depend on the total (cosine, ``running_stats_epochs``), and
+    evaluation parameters (``eval_*``) may change. Each conflict reads ``name: saved -> new``."""
+    new = cfg.to_dict()
+    conflicts = []
+    for name, value in new.items():
+        old = saved.get(name, getattr(Config(), name))
+        if value == old or name in RESUME_FREE or name.startswith("eval_"):
+            continue
+        if name == "epochs" and value > old and cfg.schedule != "cosine" and not cfg.running_stats_epochs:
+            continue
+        conflicts.append(f"{name}: {old!r} -> {value!r}")
+    return conflicts
+
+
 def config_from_file(path: str | Path) -> Config:
     """The Config saved in a JSON file (``config.json`` of a run folder: its derived keys are dropped)."""
     values = json.loads(Path(path).read_text())

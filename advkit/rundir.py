@@ -1,0 +1,355 @@
+"""A run folder, in one place: its file names, status, the "finished" rule, metrics, an exclusive lock, atomic
+writes of its small files, and checkpoints with their checksums.
+
+    <runs_root>/<name>/
+        config.json        every parameter, resolved          environment.json  versions, hardware, precision
+        status.json        running | done | failed | interrupted
+        metrics.jsonl      one line per epoch                 checkpoints/last.pt, prev.pt
+        results.csv        the robustness curves (last)       sanity.csv, bnstats.csv
+        eval/<branch>-<hash>/   spec.json, batches/, examples.npz
+        experiment.ipynb   the executed notebook              .lock   held by the process writing the run
+
+No other module spells these names. The module imports no torch at load time (the analysis layer reads run
+folders without it); the checkpoint functions import it when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_FORMAT = "advkit-checkpoint-1"
+RESULT_COLUMNS = ("branch", "attack", "steps", "accuracy", "worst_accuracy", "n")
+
+
+class DamagedFile(ValueError):
+    """A run folder's file that cannot be read (truncated, not JSON/CSV, missing columns): names file and run."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupt (checksum mismatch) or refused (it carries code)."""
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run folder's lock; the message names it."""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (it lives in the folder's own metadata)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` so that a reader (or a kill) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The folder of one run. ``RunDir(path).status()``, ``.finished()``, ``.metrics()``, ``.lock()`` ..."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # ---------------------------------------------------------------- names
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / "environment.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        return self.checkpoints / "prev.pt"
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / "results.csv"
+
+    @property
+    def sanity_file(self) -> Path:
+        return self.path / "sanity.csv"
+
+    @property
+    def bnstats_file(self) -> Path:
+        return self.path / "bnstats.csv"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def notebook(self) -> Path:
+        return self.path / "experiment.ipynb"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    # ---------------------------------------------------------------- reading
+    def _damaged(self, path: Path, reason: str) -> DamagedFile:
+        return DamagedFile(f"run {self.path}: {path.name} is damaged ({reason}); repair or delete that file, or "
+                           "resume/overwrite the run")
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        """A JSON object from one of the run's files; DamagedFile naming the file and the run otherwise."""
+        try:
+            value = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise self._damaged(Path(path), f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        except UnicodeDecodeError:
+            raise self._damaged(Path(path), "not text") from None
+        if not isinstance(value, dict):
+            raise self._damaged(Path(path), f"a JSON object was expected, found {type(value).__name__}")
+        return value
+
+    def exists(self) -> bool:
+        return self.config_file.exists()
+
+    def config(self) -> dict[str, Any]:
+        return self.read_json(self.config_file)
+
+    def status(self) -> dict[str, Any]:
+        """``{'state': ...}`` as the run wrote it; ``{'state': 'unknown'}`` without a status file."""
+        if not self.status_file.exists():
+            return {"state": "unknown"}
+        status = self.read_json(self.status_file)
+        if "state" not in status:
+            raise self._damaged(self.status_file, "no 'state' key")
+        return status
+
+    def state(self) -> str:
+        """'done', 'running', 'failed', 'interrupted', 'unknown', or 'damaged' (a file that cannot be read)."""
+        try:
+            state = self.status()["state"]
+            if state == "done":
+                self.results()
+            return state
+        except DamagedFile:
+            return "damaged"
+
+    def finished(self) -> bool:
+        """The one rule for a finished run: status 'done' and a readable ``results.csv``."""
+        return self.state() == "done" and self.results_file.exists()
+
+    def results(self):
+        """``results.csv`` as a DataFrame, checked: the result columns present, no row cut short."""
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(self.results_file)
+        except FileNotFoundError:
+            raise
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise self._damaged(self.results_file, f"{type(exc).__name__}: {str(exc).strip()[:120]}") from None
+        missing = [c for c in RESULT_COLUMNS if c not in table.columns]
+        if missing:
+            raise self._damaged(self.results_file, f"columns {missing} missing")
+        if table.empty or table[list(RESULT_COLUMNS)].isna().any().any():
+            raise self._damaged(self.results_file, "empty, or a row cut short")
+        return table
+
+    def metrics(self, repair: bool = False) -> list[dict[str, Any]]:
+        """The epochs of ``metrics.jsonl``. A damaged line (a kill mid-write) ends the readable part: it and any
+        later lines are dropped with a warning, and with ``repair`` the file is rewritten without them."""
+        if not self.metrics_file.exists():
+            return []
+        records, lines = [], self.metrics_file.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "epoch" not in record:
+                    raise ValueError("no epoch")
+            except ValueError:
+                warnings.warn(f"run {self.path}: {self.metrics_file.name} line {number} is damaged; it and the "
+                              f"{len(lines) - number} line(s) after it are "
+                              f"{'dropped from the file' if repair else 'ignored'}", RuntimeWarning, stacklevel=2)
+                if repair:
+                    self.write_metrics(records)
+                break
+            records.append(record)
+        return records
+
+    # ---------------------------------------------------------------- writing
+    def write_json(self, path: Path, value: dict[str, Any]) -> None:
+        write_atomic(path, json.dumps(value, indent=2))
+
+    def write_status(self, state: str, **extra: Any) -> None:
+        self.write_json(self.status_file, {"state": state, "time": time.time(), **extra})
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        write_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Add one epoch's line (the file is rewritten atomically: a kill never leaves half a line)."""
+        self.write_metrics(self.metrics(repair=True) + [record])
+
+    def trim_metrics(self, epochs_done: int) -> None:
+        """Drop the lines of epochs after the checkpoint (logged before a kill, to be trained again)."""
+        if self.metrics_file.exists():
+            self.write_metrics([r for r in self.metrics(repair=True) if r["epoch"] <= epochs_done])
+
+    def write_table(self, path: Path, table) -> None:
+        write_atomic(path, table.to_csv(index=False))
+
+    # ---------------------------------------------------------------- the lock
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False) -> Iterator[None]:
+        """Hold the run's exclusive lock while writing it. ``flock`` belongs to the open file: it is released
+        when the process ends however it ends, so a crashed run never locks anyone out. ``wait=False`` raises
+        RunLocked naming the holder (pid, host, command, since when) if a live process holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise RunLocked(f"run {self.path} is in use by {holder}; wait for it to finish (nothing was "
+                                "changed)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          f"({' '.join(sys.argv)[:200]})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def locked_by_other(self) -> str | None:
+        """The holder's description if another live process holds the lock, else None (takes nothing)."""
+        if not self.lock_file.exists():
+            return None
+        fd = os.open(self.lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+        return None
+
+    # ---------------------------------------------------------------- checkpoints
+    def has_checkpoint(self) -> bool:
+        """Whether the run holds a checkpoint to resume from (``last.pt`` or the previous one)."""
+        return self.last_checkpoint.exists() or self.previous_checkpoint.exists()
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``last.pt`` (keeping the current one as ``prev.pt``) so that a kill or power loss at any moment
+        leaves a good checkpoint: the serialised bytes go into a wrapper with their SHA-256 (the file checks
+        itself), through a temporary file, flush and fsync, a rename, and an fsync of the folder."""
+        import torch
+
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        view = buffer.getbuffer()
+        wrapper = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(view).hexdigest(),
+                   "payload": torch.frombuffer(view, dtype=torch.uint8)}
+        tmp = self.last_checkpoint.with_name(self.last_checkpoint.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(wrapper, f)
+            f.flush()
+            os.fsync(f.fileno())
+        del wrapper, view
+        if self.last_checkpoint.exists():
+            os.replace(self.last_checkpoint, self.previous_checkpoint)
+        os.replace(tmp, self.last_checkpoint)
+        fsync_dir(self.checkpoints)
+
+    def load_resume_checkpoint(self) -> dict[str, Any]:
+        """The newest good checkpoint: ``last.pt``, else ``prev.pt`` with a warning saying why; CheckpointError
+        listing both problems when neither is good."""
+        problems = []
+        for path in (self.last_checkpoint, self.previous_checkpoint):
+            try:
+                state = load_checkpoint(path)
+            except (CheckpointError, FileNotFoundError) as exc:
+                problems.append(str(exc))
+                continue
+            if problems:
+                warnings.warn(f"{problems[0]}; resuming from the previous checkpoint {path} instead", RuntimeWarning,
+                              stacklevel=2)
+            return state
+        raise CheckpointError(f"no good checkpoint to resume from in {self.checkpoints}: " + "; ".join(problems))
+
+
+def _load_plain(source, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into a CheckpointError naming ``path``."""
+    import torch
+
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch reports a damaged archive in many ways
+        text = str(exc)
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if code:
+            raise CheckpointError(f"checkpoint {path} is refused: it refers to {code.group(1)}, not only to tensors "
+                                  "and plain values, and checkpoints load with torch.load(weights_only=True) so that "
+                                  "a file carrying code never runs it") from None
+        said = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0] if text else ""
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {said})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, or a run folder's last checkpoint, checked against its SHA-256; tensors and plain
+    values only (a file carrying code is refused). A bad file raises CheckpointError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunDir(path).last_checkpoint
+    wrapper = _load_plain(path, path)
+    if not (isinstance(wrapper, dict) and wrapper.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointError(f"checkpoint {path} is not an advkit checkpoint: it has no {CHECKPOINT_FORMAT!r} "
+                              "checksum wrapper (advkit.rundir.RunDir.save_checkpoint writes one)")
+    payload = wrapper["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the SHA-256 of its contents differs from the one "
+                              "recorded when it was written")
+    return _load_plain(io.BytesIO(payload), path)
