@@ -8,22 +8,41 @@ import argparse
 import sys
 
 
-def run_jobs(file: str, jobs: int, kernel: str | None = None) -> int:
-    """``advkit sweep FILE --jobs N``: N shard processes at once, the cores split between them (small models
-    train faster as several one-thread processes than as one process with several threads)."""
-    import os
-    import subprocess
+def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .sweep import load_sweep, run_shards, run_sweep, shard_points
 
-    from .sweep import load_sweep
-    from .validate import check_range
+    try:
+        shard, shards = (int(part) for part in args.shard.split("/"))
+    except ValueError:
+        parser.error(f"--shard={args.shard!r} is not accepted; give I/N with integers, e.g. 0/2")
+    if args.check:
+        for point in shard_points(load_sweep(args.file), shard, shards):
+            print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
+        return 0
+    if args.jobs != 1:
+        return run_shards(args.file, args.jobs, args.kernel)
+    outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
+    return 1 if outcome["failed"] else 0
 
-    check_range("jobs", jobs, 1, integer=True)
-    load_sweep(file)  # every point validated before anything starts
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    command = [sys.executable, "-m", "advkit.cli", "sweep", file] + (["--kernel", kernel] if kernel else [])
-    processes = [subprocess.Popen(command + ["--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]
-    return max(p.wait() for p in processes)
+
+def _summary(root: str) -> int:
+    """Print the table of finished runs; list damaged runs on stderr (status 1); a missing folder: status 2."""
+    import warnings
+
+    from .results import summary_table, unfinished_runs
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the damaged runs are listed below, once
+            table = summary_table(root)
+    except ValueError as exc:
+        print(f"advkit summary: {exc}", file=sys.stderr)
+        return 2
+    print(table.to_string(index=False))
+    damaged = unfinished_runs(root).query("state == 'damaged'")
+    for error in damaged["error"]:
+        print(f"advkit summary: left out: {error}", file=sys.stderr)
+    return 1 if len(damaged) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="run only shard I of N (0-based), e.g. 0/2 and 1/2 in two processes (default: 0/1)")
     p_sweep.add_argument("--jobs", type=int, default=1, metavar="N",
                          help="run the sweep as N shards at once, each with cores/N threads (default: 1)")
-    p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table")
+    p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table (exit "
+                           "status 1: some run folders are damaged, listed on stderr; 2: no such folder)")
     p_sum.add_argument("root")
     p_study = sub.add_parser("study", help="export the study's runs into data/results/study and print the claims")
     p_study.add_argument("--runs", default="runs/study", help="study runs root (default: runs/study)")
@@ -56,20 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_fashion_mnist(args.root, download=not args.no_download))
         return 0
     if args.command == "sweep":
-        from .sweep import load_sweep, run_sweep, shard_points
-
         try:
-            shard, shards = (int(part) for part in args.shard.split("/"))
-        except ValueError:
-            parser.error(f"--shard={args.shard!r} is not accepted; give I/N with integers, e.g. 0/2")
-        if args.check:
-            for point in shard_points(load_sweep(args.file), shard, shards):
-                print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
-            return 0
-        if args.jobs != 1:
-            return run_jobs(args.file, args.jobs, args.kernel)
-        outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
-        return 1 if outcome["failed"] else 0
+            return _sweep(args, parser)
+        except ValueError as exc:  # a bad sweep file or option: its message, not a traceback
+            print(f"advkit sweep: {exc}", file=sys.stderr)
+            return 2
     if args.command == "study":
         from . import study
         from .config import resolve_output
@@ -84,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = run_analysis_notebooks(args.runs, args.out)
         return 1 if outcome["failed"] else 0
-    from .results import summary_table
-
-    print(summary_table(args.root).to_string(index=False))
-    return 0
-
+    return _summary(args.root)
 
 if __name__ == "__main__":
     sys.exit(main())

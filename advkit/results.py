@@ -9,7 +9,11 @@ The analysis schema has one row per (model, MBN branch, attack): ``source`` ('pa
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,9 @@ SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps"
           "worst_accuracy", "n"]
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
                   "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed"]
+RESULT_COLUMNS = ["branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
+                  "worst_accuracy", "n", "seed"]  # results.csv as evaluate.curve_table writes it
+BNSTATS_COLUMNS = ["figure", "layer", "branch", "channel", "source", "statistic", "value"]
 
 
 def strategy_label(adv_ratio: float, clean_ratio: float, alp: bool = False) -> str:
@@ -32,27 +39,128 @@ def strategy_label(adv_ratio: float, clean_ratio: float, alp: bool = False) -> s
     return f"100% adv + {clean_ratio * 100:g}% clean" + (", ALP" if alp else "")
 
 
+class DamagedRunError(ValueError):
+    """A file of a run folder that cannot be read as the kit writes it (truncated, cut mid-row, a column
+    missing): the message names the file and its run."""
+
+
+def _damaged(path: Path, reason: str) -> DamagedRunError:
+    return DamagedRunError(f"run {path.parent.name}: damaged file {path}: {reason}")
+
+
+def read_json(path: Path, required: Sequence[str] = ()) -> dict:
+    """The JSON object in ``path`` (``status.json``, ``config.json``), with the ``required`` keys."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(Path(path), f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise _damaged(Path(path), f"holds {type(value).__name__}, not a JSON object")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise _damaged(Path(path), f"no {', '.join(map(repr, missing))}")
+    return value
+
+
+def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """The CSV table in ``path`` (``results.csv``, ``bnstats.csv``) after checking that it was written whole: it
+    ends with a newline, has the ``columns`` and every row has as many fields as the header."""
+    path = Path(path)
+    text = path.read_text()
+    if not text:
+        raise _damaged(path, "empty")
+    if not text.endswith("\n"):
+        raise _damaged(path, "ends mid-row (no final newline): cut while being written")
+    rows = list(csv.reader(io.StringIO(text)))
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise _damaged(path, f"missing column(s) {missing}")
+    short = [i for i, row in enumerate(rows) if len(row) != len(rows[0])]
+    if short:  # (the kit's tables hold no quoted line breaks: row i is line i + 1)
+        raise _damaged(path, f"line {short[0] + 1} has {len(rows[short[0]])} fields, the header {len(rows[0])}")
+    return pd.read_csv(io.StringIO(text))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch records of ``metrics.jsonl``, one JSON object a line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _damaged(path, f"line {number} is not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise _damaged(path, f"line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_status(run_dir: Path) -> dict:
+    """``status.json`` of a run; ``{'state': 'unknown'}`` without one."""
+    path = Path(run_dir) / "status.json"
+    if not path.exists():
+        return {"state": "unknown"}
+    status = read_json(path, ["state"])
+    if not isinstance(status["state"], str):
+        raise _damaged(path, f"state={status['state']!r} is not a string")
+    return status
+
+
 def run_status(run_dir: Path) -> str:
     """'done', 'running' or 'failed' as the run wrote it; 'unknown' without a status file."""
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text())["state"] if path.exists() else "unknown"
+    return read_status(run_dir)["state"]
 
 
 def _run_dirs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).glob("**/config.json"))
 
 
+def _read_finished(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
+    """Config, results and BN statistics (None without them) of a run whose status is 'done'."""
+    config = read_json(run_dir / "config.json", CONFIG_COLUMNS)
+    if not (run_dir / "results.csv").exists():
+        raise _damaged(run_dir / "results.csv", "missing, though status.json says 'done'")
+    table = read_table(run_dir / "results.csv", RESULT_COLUMNS)
+    path = run_dir / "bnstats.csv"
+    bnstats = read_table(path, BNSTATS_COLUMNS) if path.exists() and path.stat().st_size > 1 else None
+    return config, table, bnstats
+
+
+def scan_runs(root: str | Path) -> tuple[list[tuple[Path, dict, pd.DataFrame, pd.DataFrame | None]], pd.DataFrame]:
+    """Every run folder under ``root``: the finished ones as (folder, config, results, bnstats) and a table of
+    the others (folder, state, error): failed, running, or 'damaged' with the message naming the file."""
+    finished, others = [], []
+    for run_dir in _run_dirs(root):
+        try:
+            status = read_status(run_dir)
+            if status["state"] == "done":
+                finished.append((run_dir, *_read_finished(run_dir)))
+            else:
+                others.append({"run_dir": str(run_dir), "state": status["state"], "error": status.get("error")})
+        except (DamagedRunError, UnicodeDecodeError, OSError) as exc:
+            message = str(exc) if isinstance(exc, DamagedRunError) else f"run {run_dir.name}: {exc}"
+            others.append({"run_dir": str(run_dir), "state": "damaged", "error": message})
+    return finished, pd.DataFrame(others, columns=["run_dir", "state", "error"])
+
+
+def _warn_damaged(others: pd.DataFrame) -> None:
+    damaged = others[others["state"] == "damaged"]
+    if len(damaged):
+        warnings.warn(f"{len(damaged)} damaged run(s) left out (results.unfinished_runs lists them): "
+                      + "; ".join(damaged["error"]), stacklevel=3)
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
     """Every finished run under ``root``: config columns + its ``results.csv`` rows (accuracies as fractions).
 
-    Runs that failed or are still running are not mixed in: :func:`unfinished_runs` lists them.
+    Runs that failed, are still running or are damaged are not mixed in: :func:`unfinished_runs` lists them
+    (and a warning names the damaged ones).
     """
+    finished, others = scan_runs(root)
+    _warn_damaged(others)
     frames = []
-    for run_dir in _run_dirs(root):
-        if run_status(run_dir) != "done" or not (run_dir / "results.csv").exists():
-            continue
-        cfg = json.loads((run_dir / "config.json").read_text())
-        results = pd.read_csv(run_dir / "results.csv")
+    for run_dir, cfg, results, _ in finished:
         for column in reversed(CONFIG_COLUMNS):
             if column not in results:
                 results.insert(0, column, [cfg.get(column)] * len(results))
@@ -62,19 +170,17 @@ def load_runs(root: str | Path) -> pd.DataFrame:
 
 
 def unfinished_runs(root: str | Path) -> pd.DataFrame:
-    """Runs under ``root`` without a finished result: folder, status and error (if it failed)."""
-    rows = []
-    for run_dir in _run_dirs(root):
-        status_path = run_dir / "status.json"
-        status = json.loads(status_path.read_text()) if status_path.exists() else {"state": "unknown"}
-        if status["state"] != "done":
-            rows.append({"run_dir": str(run_dir), "state": status["state"], "error": status.get("error")})
-    return pd.DataFrame(rows, columns=["run_dir", "state", "error"])
+    """Runs under ``root`` without a finished result: folder, state ('failed', 'running', 'unknown', or
+    'damaged': a file that cannot be read) and error (the failure, or the message naming the damaged file)."""
+    return scan_runs(root)[1]
 
 
 def kit_results(root: str | Path) -> pd.DataFrame:
     """The finished runs under ``root`` in the analysis schema (accuracies in percent)."""
-    runs = load_runs(root)
+    return _in_schema(load_runs(root))
+
+
+def _in_schema(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=SCHEMA)
     frame = pd.DataFrame({
@@ -119,14 +225,12 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
 
 def load_bnstats(root: str | Path) -> pd.DataFrame:
     """The ``bnstats.csv`` of every finished run under ``root``, with run name, strategy and norm."""
-    frames = []
-    for run_dir in _run_dirs(root):
-        path = run_dir / "bnstats.csv"
-        if run_status(run_dir) == "done" and path.exists() and path.stat().st_size > 1:
-            cfg = json.loads((run_dir / "config.json").read_text())
-            frames.append(pd.read_csv(path).assign(run=cfg["name"], run_dir=str(run_dir), strategy=cfg["strategy"], norm=cfg["norm"],
-                                                   dataset=cfg["dataset"], arch=cfg["arch"],
-                                                   running_stats=cfg["running_stats_epochs"] > 0, seed=cfg["seed"]))
+    finished, others = scan_runs(root)
+    _warn_damaged(others)
+    frames = [bnstats.assign(run=cfg["name"], run_dir=str(run_dir), strategy=cfg["strategy"], norm=cfg["norm"],
+                             dataset=cfg["dataset"], arch=cfg["arch"], running_stats=cfg["running_stats_epochs"] > 0,
+                             seed=cfg["seed"])
+              for run_dir, cfg, _, bnstats in finished if bnstats is not None]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -139,10 +243,17 @@ def analysis_frame(runs_root: str | Path | None = None) -> pd.DataFrame:
 
 
 def summary_table(root: str | Path) -> pd.DataFrame:
-    """One row per run and MBN branch: strategy, norm, clean accuracy and PGD-N accuracies (percent)."""
-    runs = kit_results(root)
+    """One row per run and MBN branch: strategy, norm, clean accuracy and PGD-N accuracies (percent). A run is
+    named by its folder under ``root`` (runs of the same name in two sweeps are two rows)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"runs root {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    loaded = load_runs(root)
+    runs = _in_schema(loaded)
     if runs.empty:
         return pd.DataFrame(columns=["run", "strategy", "norm", "branch", "clean"])
+    folders = [Path(d).relative_to(root) for d in loaded["run_dir"]]
+    runs["run"] = [str(f) if f.parts else Path(d).name for f, d in zip(folders, loaded["run_dir"])]
     runs = runs.assign(metric=np.where(runs["steps"] == 0, "clean", "pgd" + runs["steps"].astype(str)))
     table = runs.pivot_table(index=["run", "strategy", "norm", "branch"], columns="metric", values="accuracy",
                              aggfunc="first", sort=False)

@@ -8,9 +8,9 @@ t-based 95% interval and gives a verdict by one rule (:func:`verdict`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from scipy import stats
 
 from .config import project_root
 from .plots import save
-from .results import load_bnstats, load_runs
+from .results import DamagedRunError, load_bnstats, load_runs, read_metrics
 
 TABLES_DIR = project_root() / "data" / "results" / "study"
 RUN_COLUMNS = ["sweep", "run", "setting", "seed", "arch", "norm", "strategy", "adv_ratio", "clean_ratio",
@@ -56,11 +56,11 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     ``runs_root``, merged with what ``out_dir`` already holds. Returns the row count of each table."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(runs_root)
-    if not runs.empty:
-        runs = runs.assign(sweep=[Path(d).parent.name for d in runs["run_dir"]], run=runs["name"],
-                           setting=runs["name"].map(setting_of), accuracy=runs["accuracy"] * 100,
-                           worst_accuracy=runs["worst_accuracy"] * 100)[RUN_COLUMNS]
+    loaded = load_runs(runs_root)
+    if not loaded.empty:
+        runs = loaded.assign(sweep=[Path(d).parent.name for d in loaded["run_dir"]], run=loaded["name"],
+                             setting=loaded["name"].map(setting_of), accuracy=loaded["accuracy"] * 100,
+                             worst_accuracy=loaded["worst_accuracy"] * 100)[RUN_COLUMNS]
     else:
         runs = pd.DataFrame(columns=RUN_COLUMNS)
     tables = {"runs": _merge(runs, out_dir / "runs.csv", ["sweep", "run", "branch", "steps"])}
@@ -74,10 +74,13 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     tables["bnstats"] = _merge(bnstats, out_dir / "bnstats.csv", ["sweep", "run", "figure", "branch", "channel",
                                                                    "source", "statistic"])
     rows = []
-    for metrics in sorted(runs_root.glob("**/metrics.jsonl")):
-        if (metrics.parent / "results.csv").exists():
-            for line in metrics.read_text().splitlines():
-                rows.append({"sweep": metrics.parent.parent.name, "run": metrics.parent.name} | json.loads(line))
+    for run_dir in sorted({Path(d) for d in loaded["run_dir"]}):
+        try:
+            records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        except DamagedRunError as exc:  # its results are sound; only its training curve is left out
+            warnings.warn(f"training.csv leaves out {exc}", stacklevel=2)
+            continue
+        rows += [{"sweep": run_dir.parent.name, "run": run_dir.name} | record for record in records]
     tables["training"] = _merge(pd.DataFrame(rows), out_dir / "training.csv", ["sweep", "run", "epoch"])
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False, float_format="%.6g")

@@ -14,14 +14,18 @@ A sweep file::
 ``init_checkpoint: run:<name>`` starts from an earlier point of the same sweep (with a grid, the earlier
 point with the same grid values).
 
-Every point is validated before anything runs. A point whose ``results.csv`` exists is skipped; one with a
-checkpoint but no ``results.csv`` (killed, pre-empted) is resumed; a failing point does not stop the sweep;
-failures are listed at the end with the failing notebook's path.
+Every point is validated before anything runs (a key given twice, a malformed entry, a run name that is no
+safe folder name: one-line messages naming the entry). A point whose ``results.csv`` exists is skipped; one
+with a checkpoint but no ``results.csv`` (killed, pre-empted) is resumed; a failing point, whatever fails in
+it, does not stop the sweep; failures are listed at the end with the failing notebook's path. With several
+shard processes (``--jobs``), a shard that fails or is killed and every point left unfinished are reported.
 """
 
 from __future__ import annotations
 
 import itertools
+import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,28 @@ from .train import continuing
 from .validate import check_range
 
 SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
+MAX_NAME_BYTES = 100  # a run name is a folder name: well under the 255 bytes that file systems allow
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one, so a
+    second ``grid:`` block or a parameter set twice in a point would silently replace the first). Like
+    ``SafeLoader`` it refuses ``!!python`` tags."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges: later keys override by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 @dataclass
@@ -50,57 +76,147 @@ def _value_tag(value: Any) -> str:
     return str(value).replace(" ", "").replace("/", "_")
 
 
-def load_sweep(path: str | Path) -> list[Point]:
-    """Read and validate a sweep file into its points (nothing runs)."""
-    path = Path(path)
+def _read_spec(path: Path) -> dict:
+    """The sweep file's top-level mapping; ValueError (one line) for invalid YAML or a duplicate key."""
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = yaml.load(path.read_text(), Loader=StrictLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ValueError(f"sweep file {path} is not valid YAML{where}: {exc}") from None
+        problem = "; ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        raise ValueError(f"sweep file {path} is not valid YAML{where}: {problem or exc}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"sweep file {path} must hold a mapping with keys {list(SWEEP_KEYS)}")
-    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
     if unknown:
         raise ValueError(f"sweep file {path}: unknown key(s) {unknown}; accepted keys: {list(SWEEP_KEYS)}")
-    notebook = Path(spec.get("notebook", "notebooks/experiment.ipynb"))
-    notebook = notebook if notebook.is_absolute() else project_root() / notebook
-    base = dict(spec.get("base") or {})
-    if "runs_root" in spec:
-        base["runs_root"] = spec["runs_root"]
-    grid = spec.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError(f"sweep file {path}: grid must map parameter names to non-empty lists, got {grid!r}")
-    named = spec.get("points") or [{}]
-    points = []
-    for point in named:
-        point = dict(point)
+    return spec
+
+
+def _parameters(entry: Any, label: str) -> dict:
+    """``entry`` (the file's ``base`` or one of its points) as a dict of parameters; ValueError naming it."""
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{label}={entry!r} is not accepted; give a mapping of parameter names to values")
+    for key in entry:
+        if not isinstance(key, str):
+            raise ValueError(f"{label}: parameter name {key!r} is not accepted; parameter names are strings")
+    return dict(entry)
+
+
+def _grid(grid: Any) -> dict[str, list]:
+    if grid is None:
+        return {}
+    if not isinstance(grid, dict):
+        raise ValueError(f"grid={grid!r} is not accepted; give a mapping of parameter names to lists of values")
+    for key, values in grid.items():
+        if not isinstance(key, str):
+            raise ValueError(f"grid: parameter name {key!r} is not accepted; parameter names are strings")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid: {key}={values!r} is not accepted; give a non-empty list of values")
+    return grid
+
+
+def _points(points: Any) -> list[dict]:
+    if points is None:
+        return [{}]
+    if not isinstance(points, list):
+        raise ValueError(f"points={points!r} is not accepted; give a list of mappings, one per named setting")
+    checked = []
+    for i, point in enumerate(points):
+        if not isinstance(point, dict):
+            raise ValueError(f"points[{i}]={point!r} is not accepted; each point must be a mapping of parameters, "
+                             "e.g. {name: adv, clean_ratio: 0}")
+        point = _parameters(point, f"points[{i}]")
+        if "name" in point and (not isinstance(point["name"], str) or not point["name"]):
+            raise ValueError(f"points[{i}]: name={point['name']!r} is not accepted; give a non-empty string")
+        checked.append(point)
+    return checked or [{}]
+
+
+def check_run_name(name: Any) -> str:
+    """Return ``name`` if it can be a run folder on any common file system, else raise ValueError: a non-empty
+    string of at most ``MAX_NAME_BYTES`` bytes (UTF-8), without '/', '\\', NUL or other control characters,
+    not starting with '.'."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} is not accepted; give a non-empty string (the run's folder name)")
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        shown = name[:40] + "..."
+        raise ValueError(f"name={shown!r} is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} are accepted "
+                         "(it names a folder)")
+    control = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        raise ValueError(f"name={name!r} is not accepted: it holds the control character {control!r}")
+    for bad in ("/", "\\"):
+        if bad in name:
+            raise ValueError(f"name={name!r} is not accepted: it holds {bad!r} (it names one folder)")
+    if name.startswith("."):
+        raise ValueError(f"name={name!r} is not accepted: a name starting with '.' makes a hidden folder")
+    return name
+
+
+def _check_unique(path: Path, names: list[str]) -> None:
+    """Refuse names given twice and names that differ only in case (one folder on macOS or Windows)."""
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"sweep file {path}: several points share the run name(s) {duplicates}")
+    by_fold: dict[str, list[str]] = {}
+    for name in names:
+        by_fold.setdefault(name.casefold(), []).append(name)
+    folded = sorted(sorted(group) for group in by_fold.values() if len(group) > 1)
+    if folded:
+        raise ValueError(f"sweep file {path}: run names that differ only in case (one folder on a case-insensitive "
+                         f"file system): {', '.join(map(str, folded))}")
+
+
+def load_sweep(path: str | Path) -> list[Point]:
+    """Read and validate a sweep file into its points (nothing runs). Every problem is a one-line ValueError
+    naming the file and the entry. Linear in the number of points (finetuning sources are looked up by name)."""
+    path = Path(path)
+    spec = _read_spec(path)
+    try:
+        notebook = spec.get("notebook", "notebooks/experiment.ipynb")
+        if not isinstance(notebook, str):
+            raise ValueError(f"notebook={notebook!r} is not accepted; give a path to the experiment notebook")
+        base = _parameters(spec.get("base"), "base")
+        if "runs_root" in spec:
+            base["runs_root"] = spec["runs_root"]
+        grid, named = _grid(spec.get("grid")), _points(spec.get("points"))
+    except ValueError as exc:
+        raise ValueError(f"sweep file {path}: {exc}") from None
+    notebook = Path(notebook) if Path(notebook).is_absolute() else project_root() / notebook
+    points: list[Point] = []
+    run_dirs: dict[str, Path] = {}  # run name -> folder, of the points so far
+    for index, point in enumerate(named):
         label = point.pop("name", None)
         for combo in itertools.product(*grid.values()):
             values = base | point | dict(zip(grid, combo))
             preset = values.pop("preset", None)
             grid_tags = [f"{k}{_value_tag(v)}" for k, v in zip(grid, combo)]
             values.setdefault("name", "-".join(([label] if label else []) + grid_tags) or "run")
+            try:
+                check_run_name(values["name"])
+            except ValueError as exc:
+                raise ValueError(f"sweep file {path}, points[{index}]: {exc}") from None
             start = values.get("init_checkpoint")
             from_sweep = isinstance(start, str) and start.startswith("run:")
+            wanted = None
             if from_sweep:
-                earlier = {p.config.name: p.config.run_dir for p in points}
                 candidates = ["-".join([start[4:], *grid_tags]), start[4:]]  # same grid values first
-                wanted = next((c for c in candidates if c in earlier), None)
+                wanted = next((c for c in candidates if c in run_dirs), None)
                 if wanted is None:
                     raise ValueError(f"sweep file {path}, point {values['name']!r}: init_checkpoint={start!r} "
-                                     f"names no earlier point; earlier points: {sorted(earlier)}")
-                values["init_checkpoint"] = str(earlier[wanted])
+                                     f"names no earlier point; earlier points: {sorted(run_dirs)}")
+                values["init_checkpoint"] = str(run_dirs[wanted])
             try:
                 cfg = make_config(preset, check_paths=not from_sweep, **values)
-            except ValueError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ValueError(f"sweep file {path}, point {values['name']!r}: {exc}") from None
-            points.append(Point(cfg, notebook, wanted if from_sweep else None))
-    names = [p.config.name for p in points]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"sweep file {path}: several points share the run name(s) {duplicates}")
+            run_dirs.setdefault(cfg.name, cfg.run_dir)
+            points.append(Point(cfg, notebook, wanted))
+    _check_unique(path, [p.config.name for p in points])
     return points
 
 
@@ -116,31 +232,76 @@ def shard_points(points: list[Point], shard: int, shards: int) -> list[Point]:
     return [p for p in points if owner[p.config.name] == shard]
 
 
-def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
-              shards: int = 1) -> dict[str, list]:
-    """Run every unfinished point (of one shard) through papermill; return {'done', 'skipped', 'failed'} lists."""
+def finished(point: Point) -> bool:
+    """Whether a point's run has its results (the sweep skips it)."""
+    return (point.config.run_dir / "results.csv").exists()
+
+
+def _run_point(point: Point, kernel: str | None, progress: bool) -> None:
+    """Carry on with one point's run folder (resume, or start it again) and execute its notebook."""
     import papermill
 
+    cfg = continuing(point.config)  # resume from its checkpoint; a folder without one starts again
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # papermill refuses to write into a missing folder
+    print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){' resuming' if cfg.resume else ''}",
+          flush=True)
+    papermill.execute_notebook(str(point.notebook), str(point.output), parameters=cfg.to_dict(),
+                               kernel_name=kernel, progress_bar=progress, cwd=str(project_root()))
+
+
+def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
+              shards: int = 1) -> dict[str, list]:
+    """Run every unfinished point (of one shard) through papermill; return {'done', 'skipped', 'failed'} lists.
+    Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on."""
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     for point in shard_points(load_sweep(path), shard, shards):
-        cfg = point.config
-        if (cfg.run_dir / "results.csv").exists():
-            outcome["skipped"].append(cfg.name)
-            print(f"[sweep] skip {cfg.name}: {cfg.run_dir / 'results.csv'} exists", flush=True)
-            continue
-        cfg = continuing(cfg)  # resume from its checkpoint; a folder without one starts again
-        parameters = cfg.to_dict()
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){' resuming' if cfg.resume else ''}",
-              flush=True)
+        name = point.config.name
         try:
-            papermill.execute_notebook(str(point.notebook), str(point.output), parameters=parameters,
-                                       kernel_name=kernel, progress_bar=progress, cwd=str(project_root()))
-            outcome["done"].append(cfg.name)
+            if finished(point):
+                outcome["skipped"].append(name)
+                print(f"[sweep] skip {name}: {point.config.run_dir / 'results.csv'} exists", flush=True)
+                continue
+            _run_point(point, kernel, progress)
+            outcome["done"].append(name)
         except Exception as exc:  # carry on; report at the end
-            outcome["failed"].append((cfg.name, str(point.output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
+            outcome["failed"].append((name, str(point.output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
     for name, notebook, error in outcome["failed"]:
-        print(f"[sweep] FAILED {name}: see {notebook}\n    {error}", flush=True)
+        where = f": see {notebook}" if Path(notebook).is_file() else " before its notebook ran:"
+        print(f"[sweep] FAILED {name}{where}\n    {error}", flush=True)
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)
     return outcome
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def run_shards(path: str | Path, jobs: int, kernel: str | None = None) -> int:
+    """``advkit sweep FILE --jobs N``: N shard processes at once, the cores split between them (small models
+    train faster as several one-thread processes than as one process with several threads). Returns 0 only if
+    every shard exited 0 and every point finished; else names each shard that failed or was killed and every
+    point that did not finish, and returns 1."""
+    import os
+    import subprocess
+    import sys
+
+    check_range("jobs", jobs, 1, integer=True)
+    points = load_sweep(path)  # every point validated before anything starts
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    command = [sys.executable, "-m", "advkit.cli", "sweep", str(path)] + (["--kernel", kernel] if kernel else [])
+    processes = [subprocess.Popen(command + ["--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]
+    codes = [p.wait() for p in processes]
+    for i, code in enumerate(codes):
+        if code < 0:
+            print(f"[sweep] shard {i}/{jobs} was killed by signal {-code} ({_signal_name(-code)})", flush=True)
+        elif code > 0:
+            print(f"[sweep] shard {i}/{jobs} exited with status {code}", flush=True)
+    unfinished = [p.config.name for p in points if not finished(p)]
+    if unfinished:
+        print(f"[sweep] {len(unfinished)} point(s) did not finish: {', '.join(unfinished)}", flush=True)
+    return 1 if unfinished or any(codes) else 0

@@ -1,4 +1,5 @@
 import json
+import re
 
 import papermill
 import pytest
@@ -36,7 +37,7 @@ points:
     ("base: {preset: test\n  grid: [", r"not valid YAML at line \d+"),
     ("bases: {}", r"unknown key\(s\) \['bases'\]"),
     ("base: {preset: test}\npoints:\n  - {name: a, clean_ratio: 2}", r"point 'a': clean_ratio=2"),
-    ("base: {preset: test}\ngrid: {seed: []}", r"grid must map"),
+    ("base: {preset: test}\ngrid: {seed: []}", r"grid: seed=\[\] is not accepted; give a non-empty list"),
     ("base: {preset: test}\npoints:\n  - {name: a}\n  - {name: a}", r"share the run name"),
     ("base: {preset: tiny}", r"preset='tiny'"),
 ])
@@ -164,3 +165,144 @@ def test_jobs_run_the_shards_at_once_and_fail_when_a_point_fails(tmp_path):
         "runs_root": str(runs), "base": FAST,
         "points": [{"name": "a"}, {"name": "c", "dataset": "cifar10", "data_root": str(tmp_path / "no-cifar")}]}))
     assert cli.main(["sweep", str(broken), "--jobs", "2"]) == 1
+
+
+# ---------------------------------------------------------------- sweeps that never lie about failures
+
+STAND_IN = """import os, pathlib, signal
+run = pathlib.Path(runs_root) / name
+if name == "die":  # the shard process that executes this notebook is killed, as by the OOM killer
+    os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(0)
+(run / "results.csv").write_text("stand-in\\n")
+"""
+
+
+def _stand_in_sweep(tmp_path, names, **extra):
+    """A sweep whose notebook only writes ``results.csv`` (a point named 'die' kills the process running it)."""
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell(STAND_IN)]
+    nbformat.write(notebook, tmp_path / "stand-in.ipynb")
+    return _write(tmp_path / "s.yaml", json.dumps({
+        "notebook": str(tmp_path / "stand-in.ipynb"), "runs_root": str(tmp_path / "runs"), "base": {"preset": "test"},
+        "points": [{"name": n} for n in names], **extra}))
+
+
+def test_jobs_fail_and_list_the_unfinished_points_when_a_shard_is_killed(tmp_path, capfd):
+    from advkit import cli
+
+    f = _stand_in_sweep(tmp_path, ["a", "die"])
+    assert cli.main(["sweep", str(f), "--jobs", "2"]) == 1
+    out = capfd.readouterr().out
+    assert "[sweep] shard 1/2 was killed by signal 9 (SIGKILL)" in out
+    assert "[sweep] 1 point(s) did not finish: die" in out
+    assert (tmp_path / "runs" / "a" / "results.csv").exists()
+
+
+def test_an_exception_in_one_points_setup_does_not_stop_the_sweep(tmp_path, capsys):
+    f = _stand_in_sweep(tmp_path, ["a", "b", "c"])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "b").write_text("a file where the run folder of b should be")
+    outcome = sweep.run_sweep(f, progress=False)
+    assert outcome["done"] == ["a", "c"] and [b[0] for b in outcome["failed"]] == ["b"]
+    assert "FileExistsError" in outcome["failed"][0][2]
+    assert "[sweep] FAILED b before its notebook ran:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x" * 300, r"name='x{40}\.\.\.' is 300 bytes long \(UTF-8\); at most 100 are accepted"),
+    ("a\\0b", r"name='a\\x00b' is not accepted: it holds the control character '\\x00'"),
+    ("a\\tb", r"name='a\\tb' is not accepted: it holds the control character '\\t'"),
+    ("a\\\\b", r"name='a\\\\b' is not accepted: it holds '\\\\'"),
+])
+def test_run_names_a_filesystem_refuses_are_refused_before_anything_runs(tmp_path, name, message, capsys):
+    from advkit import cli
+
+    f = _write(tmp_path / "s.yaml", f'runs_root: {tmp_path / "runs"}\nbase: {{preset: test}}\n'
+                                    f'points:\n  - {{name: ok}}\n  - {{name: "{name}"}}\n')
+    with pytest.raises(ValueError, match=r"sweep file .*, points\[1\]: " + message):
+        sweep.load_sweep(f)
+    assert cli.main(["sweep", str(f), "--check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_names_that_differ_only_in_case_are_refused(tmp_path):
+    f = _write(tmp_path / "s.yaml", "base: {preset: test}\ngrid: {seed: [0, 1]}\npoints:\n"
+                                    "  - {name: Adv}\n  - {name: adv}\n")
+    with pytest.raises(ValueError, match=r"run names that differ only in case \(one folder on a case-insensitive "
+                                         r"file system\): \['Adv-seed0', 'adv-seed0'\], \['Adv-seed1', 'adv-seed1'\]"):
+        sweep.load_sweep(f)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: {preset: test}\ngrid: {seed: [0]}\ngrid: {seed: [1]}\n",
+     r"not valid YAML at line 3, column 1: key 'grid' given twice \(first at line 2\)"),
+    ("base: {preset: test}\npoints:\n  - {name: a, seed: 1, seed: 2}\n",
+     r"not valid YAML at line 3, column 24: key 'seed' given twice \(first at line 3\)"),
+    ("points: [a, b]\n", r"points\[0\]='a' is not accepted; each point must be a mapping of parameters"),
+    ("points: {a: 1}\n", r"points=\{'a': 1\} is not accepted; give a list of mappings"),
+    ("base: [1, 2]\n", r"base=\[1, 2\] is not accepted; give a mapping of parameter names to values"),
+    ("points:\n  - {name: 1}\n", r"points\[0\]: name=1 is not accepted; give a non-empty string"),
+    ("points:\n  - {name: null}\n", r"points\[0\]: name=None is not accepted; give a non-empty string"),
+    ("grid: {seed: 3}\n", r"grid: seed=3 is not accepted; give a non-empty list of values"),
+    ("grid: [seed]\n", r"grid=\['seed'\] is not accepted; give a mapping of parameter names to lists"),
+    ("base: {1: 2}\n", r"base: parameter name 1 is not accepted; parameter names are strings"),
+    ("notebook: 1\n", r"notebook=1 is not accepted; give a path"),
+    ("base: {preset: test, seed: x}\n", r"point 'run': seed='x' is not accepted"),
+])
+def test_malformed_entries_give_one_line_messages_naming_the_entry(tmp_path, text, message, capsys):
+    from advkit import cli
+
+    f = _write(tmp_path / "s.yaml", text)
+    with pytest.raises(ValueError, match=message):
+        sweep.load_sweep(f)
+    for argv in (["sweep", str(f)], ["sweep", str(f), "--check"], ["sweep", str(f), "--jobs", "2"]):
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert re.fullmatch(r"advkit sweep: sweep file [^\n]+\n", err) and re.search(message, err), err
+        assert out == ""
+
+
+def test_resolving_finetuning_sources_is_linear_in_the_number_of_points(tmp_path, monkeypatch):
+    f = _write(tmp_path / "ft.yaml", f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: {list(range(150))}}}
+points:
+  - {{name: adv, clean_ratio: 0}}
+  - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
+""")
+    real, calls = config.resolve_output, []
+    monkeypatch.setattr(config, "resolve_output", lambda path: calls.append(1) or real(path))
+    points = sweep.load_sweep(f)
+    assert len(points) == 300 and points[-1].config.init_checkpoint == str(tmp_path / "runs" / "adv-seed149")
+    assert len(calls) <= 2 * len(points)  # one run folder per point (quadratic: every earlier point per source)
+
+
+def test_the_readmes_papermill_example_runs_on_a_new_run_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    readme = (config.project_root() / "README.md").read_text()
+    block = re.search(r"## One experiment through papermill.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    first_run = next(i for i, line in enumerate(lines) if "papermill notebooks/experiment.ipynb" in line)
+    commands = [line.split("  #")[0] for line in lines[:first_run + 1] if "--help-notebook" not in line]
+    assert "-p preset demo" in commands[-1]
+    commands[-1] = commands[-1].replace("-p preset demo", "-p preset test") + (
+        " -p epochs 1 -p n_train 128 -p n_test 64 -p train_steps 1 -p sanity_n 0 -p bnstats_channels 0"
+        " -y 'eval_checkpoints: [1]' --no-progress-bar")
+    (tmp_path / ".venv").symlink_to(config.Path(sys.executable).parents[1])
+    (tmp_path / "notebooks").symlink_to(config.project_root() / "notebooks")
+    env = os.environ | {"ADVKIT_OUTPUT_BASE": str(tmp_path)}  # run folders land beside the notebook, as in the repo
+    done = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs" / "my-run" / "experiment.ipynb").exists()
+    assert results.run_status(tmp_path / "runs" / "my-run") == "done"
