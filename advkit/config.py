@@ -46,7 +46,7 @@ class Config:
     # run
     name: str = "test-run"  # run folder: <runs_root>/<name>
     runs_root: str = "runs"  # relative paths resolve against the repository root
-    resume: bool = False  # continue from <run>/checkpoints/last.pt
+    resume: bool | str = False  # continue from <run>/checkpoints/last.pt; 'auto': resume, evaluate or start as the folder says
     overwrite: bool = False  # delete an existing run folder of the same name first
     seed: int = 0
     # data
@@ -356,6 +356,8 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     if cfg.batch_size % cfg.gpus:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with gpus={cfg.gpus}: the global batch must "
                          "divide evenly between the processes")
+    check_choice("resume", cfg.resume, [False, True, "auto"])
+    check_choice("overwrite", cfg.overwrite, [False, True])
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":

@@ -23,6 +23,8 @@ shard processes (``--jobs``), a shard that fails or is killed and every point le
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import signal
 from collections import Counter
@@ -32,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, make_config, project_root
-from .train import continuing
+from .config import Config, make_config, project_root, resume_conflicts
+from .rundir import RunDir
 from .validate import check_range
 
 SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
@@ -233,44 +235,108 @@ def shard_points(points: list[Point], shard: int, shards: int) -> list[Point]:
 
 
 def finished(point: Point) -> bool:
-    """Whether a point's run has its results (the sweep skips it)."""
-    return (point.config.run_dir / "results.csv").exists()
+    """Whether a point's run is finished (the one rule, :meth:`RunDir.finished`)."""
+    return RunDir(point.config.run_dir).finished()
+
+
+def finished_differently(point: Point) -> list[str]:
+    """For a finished point, the parameters in which its run differs from the sweep file as it is now (an edited
+    file): what it was trained with may not change; evaluation parameters may (the run is evaluated again)."""
+    return resume_conflicts(RunDir(point.config.run_dir).config(), point.config)
+
+
+REFUSALS = ("RunLocked", "FileExistsError", "ResumeConflict")  # the run was not accepted: nothing of it changed
+
+
+def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bool = True) -> None:
+    """Execute the experiment notebook for ``cfg`` through papermill, keeping the run's record safe: papermill
+    writes into ``<run>/.attempts/`` and the executed notebook becomes ``experiment.ipynb`` only if the kit
+    accepted the run (a refusal, e.g. a finished run without resume/overwrite or a run in use by another
+    process, leaves the earlier record as it was and raises)."""
+    import os
+    import time
+
+    import papermill
+
+    run = RunDir(cfg.run_dir)
+    attempts = run.path / ".attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    attempt = attempts / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
+    try:
+        papermill.execute_notebook(str(notebook), str(attempt), parameters=cfg.to_dict(), kernel_name=kernel,
+                                   progress_bar=progress, cwd=str(project_root()))
+    except papermill.PapermillExecutionError as exc:
+        if exc.ename in REFUSALS:
+            raise
+        os.replace(attempt, run.notebook)  # the run was accepted and failed in it: its record shows how
+        raise
+    os.replace(attempt, run.notebook)
+    with contextlib.suppress(OSError):
+        attempts.rmdir()
 
 
 def _run_point(point: Point, kernel: str | None, progress: bool) -> None:
-    """Carry on with one point's run folder (resume, or start it again) and execute its notebook."""
-    import papermill
-
-    cfg = continuing(point.config)  # resume from its checkpoint; a folder without one starts again
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # papermill refuses to write into a missing folder
-    print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){' resuming' if cfg.resume else ''}",
-          flush=True)
-    papermill.execute_notebook(str(point.notebook), str(point.output), parameters=cfg.to_dict(),
-                               kernel_name=kernel, progress_bar=progress, cwd=str(project_root()))
+    """Carry on with one point's run folder (``resume='auto'``: under the run's lock, resume from its checkpoint,
+    evaluate again if only evaluation parameters changed, or start a folder without checkpoint again) and
+    execute its notebook."""
+    cfg = dataclasses.replace(point.config, resume="auto", overwrite=False)
+    print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm})", flush=True)
+    execute(point.notebook, cfg, kernel, progress)
 
 
 def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
               shards: int = 1) -> dict[str, list]:
     """Run every unfinished point (of one shard) through papermill; return {'done', 'skipped', 'failed'} lists.
-    Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on."""
+    Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on. A point in use
+    by another process (another sweep of the same file) is left to it; at the end this sweep waits for that
+    process and runs the point only if it did not finish, so every point is trained once."""
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
-    for point in shard_points(load_sweep(path), shard, shards):
+    elsewhere: list[Point] = []
+
+    def attempt(point: Point) -> None:
         name = point.config.name
         try:
-            if finished(point):
+            if finished(point) and not finished_differently(point) and not _evaluation_changed(point):
                 outcome["skipped"].append(name)
-                print(f"[sweep] skip {name}: {point.config.run_dir / 'results.csv'} exists", flush=True)
-                continue
+                print(f"[sweep] skip {name}: finished", flush=True)
+                return
+            conflicts = finished_differently(point) if finished(point) else []
+            if conflicts:
+                raise ValueError(f"the finished run {point.config.run_dir} was trained with other parameters than "
+                                 f"the sweep file now gives ({'; '.join(conflicts)}); restore the file, or delete "
+                                 "the run to train it anew")
+            holder = RunDir(point.config.run_dir).locked_by_other()
+            if holder is not None and point not in elsewhere:
+                elsewhere.append(point)
+                print(f"[sweep] {name} is in use by {holder}: left to it for now", flush=True)
+                return
             _run_point(point, kernel, progress)
             outcome["done"].append(name)
         except Exception as exc:  # carry on; report at the end
+            if getattr(exc, "ename", None) == "RunLocked" and point not in elsewhere:
+                elsewhere.append(point)
+                print(f"[sweep] {name} was taken by another process: left to it for now", flush=True)
+                return
             outcome["failed"].append((name, str(point.output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
+
+    for point in shard_points(load_sweep(path), shard, shards):
+        attempt(point)
+    for point in elsewhere:
+        with RunDir(point.config.run_dir).lock(wait=True):  # wait for the other process to let go
+            pass
+        attempt(point)
     for name, notebook, error in outcome["failed"]:
         where = f": see {notebook}" if Path(notebook).is_file() else " before its notebook ran:"
         print(f"[sweep] FAILED {name}{where}\n    {error}", flush=True)
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)
     return outcome
+
+
+def _evaluation_changed(point: Point) -> bool:
+    """Whether a finished run's evaluation parameters differ from the point's (it is then evaluated again)."""
+    saved = RunDir(point.config.run_dir).config()
+    return any(saved.get(k) != v for k, v in point.config.to_dict().items() if k.startswith("eval_"))
 
 
 def _signal_name(number: int) -> str:
