@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import papermill
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import config, train
+from advkit import config, distributed, train
 from advkit.config import make_config
 
 TINY = dict(epochs=1, n_train=256, n_test=70, batch_size=64, eval_batch_size=16, eval_checkpoints=[1, 2],
@@ -139,7 +140,9 @@ def _assert_same_evaluation(run_dir, other_dir):
     assert got[["branch", "attack", "steps", "n"]].equals(want[["branch", "attack", "steps", "n"]])
     assert list(got["accuracy"]) == list(want["accuracy"]) and list(got["worst_accuracy"]) == list(
         want["worst_accuracy"])
-    for a, b in zip(sorted((run_dir / "eval").glob("*/examples.npz")), sorted((other_dir / "eval").glob("*/examples.npz"))):
+    examples = [sorted((d / "eval").glob("*/examples.npz")) for d in (run_dir, other_dir)]
+    assert len(examples[0]) == len(examples[1]) > 0
+    for a, b in zip(*examples):
         ea, eb = np.load(a), np.load(b)
         for key in ("clean", "final", "worst", "labels"):
             assert np.array_equal(ea[key], eb[key]), (a.parent.name, key)
@@ -154,6 +157,8 @@ def test_a_two_process_run_evaluates_exactly_its_saved_checkpoint(tmp_path, bn_d
     else:
         cfg = make_config("test", name="mbn", runs_root=str(tmp_path), norm="mbn", clean_ratio=0.5, **DRIFT)
         train.run_launched(cfg, show_progress=False)
+    ranks = train.load_checkpoint(cfg.run_dir)["rank_buffers"]  # per-replica BN kept: the ranks' statistics differ
+    assert any(not torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.endswith("running_mean"))
     table, other_dir = _evaluate_checkpoint_in_one_process(cfg, "reevaluated")
     table.to_csv(other_dir / "results.csv", index=False)
     _assert_same_evaluation(cfg.run_dir, other_dir)
@@ -180,3 +185,21 @@ def test_a_killed_and_resumed_two_process_bn_run_equals_an_uninterrupted_one(tmp
     assert len(got["rank_buffers"]) == len(want["rank_buffers"]) == 2
     for mine, theirs in zip(got["rank_buffers"], want["rank_buffers"]):  # every rank's BN buffers
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in theirs)
+
+
+def test_resume_takes_each_rank_its_own_buffers_and_warns_on_an_older_checkpoint_under_ddp():
+    model = train.build_model(make_config("test", norm="bn"))
+    state = model.state_dict()
+    own = {name: torch.full_like(value, 7) for name, value in train._buffers(model).items()}
+    assert own and set(own) < set(state) and "net.bn1.running_mean" in own  # buffers only, not weights
+    ckpt = {"model": state, "rank_buffers": [train._buffers(model), own]}
+    two = distributed.Context(rank=1, world_size=2)
+    resumed = train._resumed_state(ckpt, model, two)
+    assert all(torch.equal(resumed[k], own[k]) for k in own)
+    assert resumed["net.conv1.weight"] is state["net.conv1.weight"]
+    older = {"model": state}  # no rank_buffers: rank 0's on every rank, as before, said under DDP
+    with pytest.warns(RuntimeWarning, match="holds rank 0's buffers only .* will not equal an uninterrupted one"):
+        assert train._resumed_state(older, model, two) is state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train._resumed_state(older, model, distributed.Context()) is state  # one process: nothing lost
