@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,18 @@ def gather(obj: Any, ctx: Context) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_state(module: nn.Module, ctx: Context, src: int = 0) -> None:
+    """Overwrite every rank's parameters and buffers, in place, with rank ``src``'s (no-op for one process).
+
+    Under DDP with per-replica BN (``broadcast_buffers=False``, the paper's choice) the ranks' running statistics
+    drift apart during training; after it, broadcasting rank 0's state (the one its checkpoint saves) makes every
+    rank evaluate that one model."""
+    if not ctx.active:
+        return
+    for tensor in [p.detach() for p in module.parameters()] + list(module.buffers()):
+        dist.broadcast(tensor, src)  # in place; gloo and NCCL accept channels_last weights as they are
 
 
 def barrier(ctx: Context) -> None:

@@ -2,8 +2,15 @@
 running statistics in the last epochs, BN-only finetuning).
 
 A run lives in ``<runs_root>/<name>/``: ``config.json``, ``metrics.jsonl`` (one line per epoch),
-``checkpoints/last.pt`` (model, optimizer, every RNG state, epoch and step; ``prev.pt`` is the one before),
-``results.csv`` and ``status.json``. ``run(cfg)`` trains, evaluates and writes them; ``train(cfg)`` only trains.
+``checkpoints/last.pt`` (model, optimizer, every rank's RNG state and BN buffers, epoch and step; ``prev.pt`` is
+the one before), ``results.csv`` and ``status.json``. ``run(cfg)`` trains, evaluates and writes them;
+``train(cfg)`` only trains.
+
+Under torchrun BN statistics stay per replica while training (the paper's choice), so the ranks' running
+statistics differ. The checkpoint's ``model`` is rank 0's state and ``rank_buffers`` holds every rank's buffers:
+a resumed run restores each rank's own and continues exactly. After training every rank takes rank 0's state
+(:func:`advkit.distributed.broadcast_state`), so evaluation, sanity checks and BN statistics all describe the one
+model the checkpoint holds.
 
 Checkpoints carry the SHA-256 of their bytes and are written through a temporary file, fsync and rename, so a
 kill at any moment leaves a good one; resuming falls back to ``prev.pt`` when ``last.pt`` is bad. SIGTERM
@@ -436,6 +443,25 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's persistent buffers (BN running statistics and counters) by state-dict name, on the CPU: under
+    DDP they differ between ranks (per-replica BN), so a checkpoint keeps one set per rank."""
+    names = {name for name, _ in model.named_buffers()}
+    return {name: value.detach().cpu() for name, value in model.state_dict().items() if name in names}
+
+
+def _resumed_state(ckpt: dict[str, Any], model: nn.Module, ctx: distributed.Context) -> dict[str, torch.Tensor]:
+    """The model state this rank resumes from: the checkpoint's ``model`` with this rank's own buffers. A checkpoint
+    without ``rank_buffers`` (older advkit) gives every rank rank 0's, with a warning under DDP."""
+    if "rank_buffers" in ckpt:
+        return ckpt["model"] | ckpt["rank_buffers"][ctx.rank]
+    if ctx.active and _buffers(model):
+        warnings.warn("the checkpoint holds rank 0's buffers only (written by an older advkit): every rank resumes "
+                      "with rank 0's BN running statistics, so this run will not equal an uninterrupted one",
+                      RuntimeWarning, stacklevel=2)
+    return ckpt["model"]
+
+
 def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int, seed: int) -> None:
     """A fresh, reproducible order (and augmentation draws) for ``epoch``, as DistributedSampler does."""
     sampler = loader.sampler.sampler if isinstance(loader.sampler, torch.utils.data.BatchSampler) else loader.sampler
@@ -457,7 +483,8 @@ def train(cfg: Config, show_progress: bool = True) -> nn.Module:
     Every input is checked before the run folder is touched: the parameters, the data set's files and the
     starting checkpoint. Under torchrun every process calls it: the global batch is split across ranks,
     gradients are averaged by DDP, BN statistics stay per replica (as in the paper) unless ``sync_bn``, and
-    only rank 0 writes. SIGTERM checkpoints and raises :class:`TrainingInterrupted` (status 'interrupted').
+    only rank 0 writes. The model returned is, on every rank, the state of the last checkpoint's ``model``
+    (rank 0's, broadcast). SIGTERM checkpoints and raises :class:`TrainingInterrupted` (status 'interrupted').
     """
     validate(cfg)
     data.check_available(cfg.dataset, cfg.data_root)
@@ -524,11 +551,11 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
     ckpt_path = ckpt_dir / LAST
     if cfg.resume:
         ckpt = load_resume_checkpoint(ckpt_dir)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) != ctx.world_size:
             raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many "
                              f"(got {ctx.world_size})")
+        model.load_state_dict(_resumed_state(ckpt, model, ctx))
+        optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"][ctx.rank], generator)
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
         resumed_totals = ckpt["totals"][ctx.rank] if skip else None  # the epoch's counters so far
@@ -536,12 +563,13 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
             _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        states = distributed.gather({"rng": _rng_state(generator),
+        states = distributed.gather({"rng": _rng_state(generator), "buffers": _buffers(model),
                                      "totals": totals | {"seconds": time.perf_counter() - t_epoch}}, ctx)
         if ctx.main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
                                         "rng": [s["rng"] for s in states], "totals": [s["totals"] for s in states],
+                                        "rank_buffers": [s["buffers"] for s in states],
                                         "config": cfg.to_dict()}, previous=ckpt_dir / PREVIOUS)
 
     ctx_autocast = autocast(cfg, device)
@@ -608,6 +636,7 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         checkpoint(epoch + 1, 0)
+    distributed.broadcast_state(model, ctx)  # every rank: the model the last checkpoint saved (rank 0's)
     model.eval()
     return model
 
@@ -639,7 +668,9 @@ def load_run(run_dir: str | Path, branch: str | None = None, device: str | torch
 def run(cfg: Config, show_progress: bool = True):
     """Train, then evaluate into the run folder: ``results.csv`` (robustness curves, each MBN branch; sharded
     across ranks under torchrun), ``sanity.csv`` (sanity checks) and ``bnstats.csv`` (Figures 5-6), the last two
-    on rank 0. ``results.csv`` is written last: it marks a finished run."""
+    on rank 0. All three describe the model of the last checkpoint: under torchrun every rank evaluates that
+    state (see :func:`train`), not its own per-replica BN statistics. ``results.csv`` is written last: it marks a
+    finished run."""
     from .bnstats import bnstats_for_run
     from .evaluate import evaluate_model, sanity_for_run
 

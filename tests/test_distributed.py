@@ -1,6 +1,10 @@
 """DistributedDataParallel on the CPU: 2 gloo processes launched by torchrun, against one process."""
 
+import dataclasses
 import json
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import papermill
@@ -8,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import config, train
+from advkit import config, distributed, train
 from advkit.config import make_config
 
 TINY = dict(epochs=1, n_train=256, n_test=70, batch_size=64, eval_batch_size=16, eval_checkpoints=[1, 2],
@@ -87,3 +91,115 @@ def test_paper_preset_pipeline_on_a_tiny_generated_imagefolder(tmp_path):
     metrics = _metrics(cfg.run_dir)
     assert metrics[0]["images_per_s"] > 0 and 0 < metrics[0]["attack_share"] < 1
     assert (cfg.run_dir / "bnstats.csv").exists() and (cfg.run_dir / "sanity.csv").exists()
+
+
+# ---------------------------------------------------------------- BN under DDP: one model evaluated, exact resume
+
+# Adversarial training on 16 images per rank: each rank's BN running statistics follow its own shard (per-replica
+# BN, the paper's choice) and drift apart; the training attack uses them, so they also steer training.
+DRIFT = dict(epochs=1, n_train=256, batch_size=32, lr=0.4, lr_decay_epochs=[], train_steps=1, n_test=128,
+             eval_batch_size=16, eval_checkpoints=[1, 2], sanity_n=0, bnstats_channels=0, device="cpu", gpus=2)
+CRASH_SCRIPT = """
+import sys
+from advkit import train
+
+real, seen = train.training_loss, []
+
+def crashing(*args, **kwargs):  # every rank crashes at the same training step, as a killed job would stop
+    seen.append(1)
+    if len(seen) == int(sys.argv[2]):
+        raise RuntimeError("simulated crash")
+    return real(*args, **kwargs)
+
+train.training_loss = crashing
+raise SystemExit(train.main([sys.argv[1]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def bn_ddp_run(tmp_path_factory):
+    """An uninterrupted 2-process BN run (checkpoint every 2 steps, which changes nothing in its trajectory)."""
+    cfg = make_config("test", name="straight", runs_root=str(tmp_path_factory.mktemp("ddp")), norm="bn",
+                      checkpoint_every_steps=2, **DRIFT)
+    train.run_launched(cfg, show_progress=False)
+    return cfg
+
+
+def _evaluate_checkpoint_in_one_process(cfg, name):
+    """The saved checkpoint's model, evaluated by a single process into a fresh run folder."""
+    from advkit.evaluate import evaluate_model
+
+    model = train.build_model(cfg)
+    model.load_state_dict(train.load_checkpoint(cfg.run_dir)["model"])
+    other = dataclasses.replace(cfg, name=name)
+    return evaluate_model(model.eval(), other, show_progress=False), other.run_dir
+
+
+def _assert_same_evaluation(run_dir, other_dir):
+    got, want = pd.read_csv(run_dir / "results.csv"), pd.read_csv(other_dir / "results.csv")
+    assert got[["branch", "attack", "steps", "n"]].equals(want[["branch", "attack", "steps", "n"]])
+    assert list(got["accuracy"]) == list(want["accuracy"]) and list(got["worst_accuracy"]) == list(
+        want["worst_accuracy"])
+    examples = [sorted((d / "eval").glob("*/examples.npz")) for d in (run_dir, other_dir)]
+    assert len(examples[0]) == len(examples[1]) > 0
+    for a, b in zip(*examples):
+        ea, eb = np.load(a), np.load(b)
+        for key in ("clean", "final", "worst", "labels"):
+            assert np.array_equal(ea[key], eb[key]), (a.parent.name, key)
+
+
+@pytest.mark.parametrize("norm_layer", ["bn", "mbn"])
+def test_a_two_process_run_evaluates_exactly_its_saved_checkpoint(tmp_path, bn_ddp_run, norm_layer):
+    """results.csv of a 2-process run = one process's evaluation of the checkpoint it saved, with per-replica
+    BN statistics during training (BN; MBN, whose two branches each keep per-rank statistics)."""
+    if norm_layer == "bn":
+        cfg = bn_ddp_run
+    else:
+        cfg = make_config("test", name="mbn", runs_root=str(tmp_path), norm="mbn", clean_ratio=0.5, **DRIFT)
+        train.run_launched(cfg, show_progress=False)
+    ranks = train.load_checkpoint(cfg.run_dir)["rank_buffers"]  # per-replica BN kept: the ranks' statistics differ
+    assert any(not torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.endswith("running_mean"))
+    table, other_dir = _evaluate_checkpoint_in_one_process(cfg, "reevaluated")
+    table.to_csv(other_dir / "results.csv", index=False)
+    _assert_same_evaluation(cfg.run_dir, other_dir)
+
+
+def test_a_killed_and_resumed_two_process_bn_run_equals_an_uninterrupted_one(tmp_path, bn_ddp_run):
+    cfg = dataclasses.replace(bn_ddp_run, name="crashed", runs_root=str(tmp_path))
+    config_path = tmp_path / "launch.json"
+    cfg.save(config_path)
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(config_path), "6"]  # crashes at step 6 of 8, after the checkpoint of step 4
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode != 0 and "simulated crash" in proc.stdout + proc.stderr
+    assert train.load_checkpoint(cfg.run_dir)["step"] == 4 and not (cfg.run_dir / "results.csv").exists()
+
+    train.run_launched(dataclasses.replace(cfg, resume=True), show_progress=False)
+    got, want = train.load_checkpoint(cfg.run_dir), train.load_checkpoint(bn_ddp_run.run_dir)
+    assert got["step"] == want["step"] == 8
+    for name in want["model"]:  # weights, and rank 0's BN buffers
+        assert torch.equal(got["model"][name], want["model"][name]), name
+    assert pd.read_csv(cfg.run_dir / "results.csv").equals(pd.read_csv(bn_ddp_run.run_dir / "results.csv"))
+    assert len(got["rank_buffers"]) == len(want["rank_buffers"]) == 2
+    for mine, theirs in zip(got["rank_buffers"], want["rank_buffers"]):  # every rank's BN buffers
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in theirs)
+
+
+def test_resume_takes_each_rank_its_own_buffers_and_warns_on_an_older_checkpoint_under_ddp():
+    model = train.build_model(make_config("test", norm="bn"))
+    state = model.state_dict()
+    own = {name: torch.full_like(value, 7) for name, value in train._buffers(model).items()}
+    assert own and set(own) < set(state) and "net.bn1.running_mean" in own  # buffers only, not weights
+    ckpt = {"model": state, "rank_buffers": [train._buffers(model), own]}
+    two = distributed.Context(rank=1, world_size=2)
+    resumed = train._resumed_state(ckpt, model, two)
+    assert all(torch.equal(resumed[k], own[k]) for k in own)
+    assert resumed["net.conv1.weight"] is state["net.conv1.weight"]
+    older = {"model": state}  # no rank_buffers: rank 0's on every rank, as before, said under DDP
+    with pytest.warns(RuntimeWarning, match="holds rank 0's buffers only .* will not equal an uninterrupted one"):
+        assert train._resumed_state(older, model, two) is state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train._resumed_state(older, model, distributed.Context()) is state  # one process: nothing lost
