@@ -31,7 +31,7 @@ def make_analysis_runs(root: Path) -> None:
 
     for name, point in ANALYSIS_POINTS.items():
         if not (root / name / "results.csv").exists():
-            train.run(config.make_config("test", name=name, runs_root=str(root), **TINY | point), show_progress=False)
+            run.run(config.make_config("test", name=name, runs_root=str(root), **TINY | point), show_progress=False)
 
 
 def pytest_collection_finish(session):

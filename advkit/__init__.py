@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``advkit.load_run`` without importing torch for ``import advkit`` (the analysis modules need no torch)."""
     if name == "load_run":
-        from .train import load_run
+        from .run import load_run
 
         return load_run
     raise AttributeError(f"module 'advkit' has no attribute {name!r}")

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attacks, data, evaluate, models, train
-from .config import make_config, project_root
+from . import attacks, data, evaluate, models, strategy, train
+from .config import make_config
+from .paths import project_root
 
 NUM_CLASSES = 10
 
@@ -183,12 +184,12 @@ def curve_row(arch: str, device: torch.device, batch_size: int, checkpoints: lis
 def training_step(model: nn.Module, cfg, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> Callable[[], None]:
     """One training step of ``cfg``'s strategy (attack, forward, backward, optimizer step) on a fixed batch."""
     optimizer = train.make_optimizer(cfg, model)
-    forward = train.TrainingForward(model)
+    forward = strategy.TrainingForward(model)
     generator = torch.Generator(images.device).manual_seed(seed)
 
     def step() -> None:
         model.train()
-        loss, _ = train.training_loss(model, images, labels, cfg, generator, forward)
+        loss, _ = strategy.training_loss(model, images, labels, cfg, generator, forward)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

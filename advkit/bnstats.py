@@ -17,29 +17,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import attacks, norm
-from .norm import MixtureBatchNorm2d
+from . import attacks, data, distributed, norm
+from .device import resolve_rank_device
+from .norm import MixtureBatchNorm2d, default_layer, norm_layer_names
 
 _NORMS = (nn.BatchNorm2d, MixtureBatchNorm2d)
-
-
-def norm_layer_names(model: nn.Module) -> list[str]:
-    """Module names of the BN and Mixture BN layers (an MBN counts once, not its two branches)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, _NORMS) and not any(name.startswith(n + ".") for n in names):
-            names.append(name)
-    return names
-
-
-def default_layer(model: nn.Module) -> str:
-    """The paper's res3 (stem = stage 1, so torchvision's ``layer2``): first norm of its middle block."""
-    names = [n for n in norm_layer_names(model) if ".layer2." in f".{n}"]
-    if not names:
-        raise ValueError("the model has no BN layer in a stage called 'layer2'; pass bnstats_layer explicitly")
-    blocks = sorted({n.split("layer2.", 1)[1].split(".", 1)[0] for n in names}, key=int)
-    middle = blocks[len(blocks) // 2]
-    return next(n for n in names if f"layer2.{middle}." in n)
 
 
 def _layer(model: nn.Module, layer: str) -> nn.Module:
@@ -145,13 +127,9 @@ def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """Figures 5-6 statistics of a trained run: two mini-batches (at most 256 images) of the run's own training
     images (its seeded subset, in its first epoch's order, without augmentation), attacked with the run's
     training attack (eps, step, steps, clean-start probability, BN mode)."""
-    from . import data
-    from .distributed import context
-    from .train import resolve_rank_device
-
     if not norm.batch_norms(model):
         return pd.DataFrame()
-    device = resolve_rank_device(cfg, context())
+    device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "train", min(cfg.batch_size, 256), n=cfg.n_train, seed=cfg.seed,
                               root=cfg.data_root, augment=False)
     batches = []

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "study":
         from . import study
-        from .config import resolve_output
+        from .paths import resolve_output
 
         if not args.no_export:
             print(study.export(resolve_output(args.runs)))

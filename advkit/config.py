@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import attacks, data, models
+import torch
+
+from . import attacks, data, models, paper
 from . import norm as norm_module
+from .paths import resolve_output
 from .validate import check_choice, check_range
 
 OPTIMIZERS = ("sgd", "rmsprop")
@@ -22,23 +25,6 @@ SCHEDULES = ("step", "exp", "cosine")
 EQ1_WEIGHTINGS = ("share", "per_image")
 LIST_PARAMETERS = ("lr_decay_epochs", "eval_checkpoints")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def project_root() -> Path:
-    """The repository this package lives in (run folders and data resolve against it, whatever the cwd)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def runs_base() -> Path:
-    """Where relative output paths (``runs_root``, the analysis notebooks' ``figures_dir``) resolve:
-    ``$ADVKIT_OUTPUT_BASE`` if set (the test suite points it at a temporary folder), else the repository root."""
-    return Path(os.environ.get("ADVKIT_OUTPUT_BASE", project_root()))
-
-
-def resolve_output(path: str | Path) -> Path:
-    """``path`` if absolute, else ``runs_base() / path``."""
-    path = Path(path)
-    return path if path.is_absolute() else runs_base() / path
 
 
 @dataclass
@@ -97,7 +83,7 @@ class Config:
     # evaluation (the paper's protocol: targeted, random start)
     eval_eps: float = 16.0
     eval_step: float = 1.0
-    eval_checkpoints: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200, 500, 1000, 2000])  # PGD-N curve in one pass
+    eval_checkpoints: list[int] = field(default_factory=lambda: list(paper.PGD_CHECKPOINTS))  # PGD-N curve in one pass
     eval_targeted: bool = True  # False: untargeted PGD
     eval_restarts: int = 1  # random restarts; an example must survive all of them
     eval_step_rule: str = "fixed"  # fixed | max_eps_over_steps (the original pipeline's max(step, eps / N))
@@ -126,15 +112,7 @@ class Config:
     @property
     def strategy(self) -> str:
         """The paper's name of the training strategy."""
-        if self.adv_ratio == 0:
-            text = "0% adv + 100% clean"
-        else:
-            text = f"100% adv + {self.clean_ratio * 100:g}% clean"
-            if self.alp_weight > 0:
-                text += ", ALP"
-        if self.finetune_bn:
-            text += ", BN-only finetuning"
-        return text
+        return paper.strategy_label(self.adv_ratio, self.clean_ratio, self.alp_weight > 0, self.finetune_bn)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +184,8 @@ def parameters_cell() -> str:
         annotation, help_text = match.group(1), match.group(2)
         if annotation.endswith(" | None"):
             annotation = annotation[:-7]
+        if " | " in annotation:  # papermill's parser reads typing's spelling
+            annotation = f"Union[{annotation.replace(' | ', ', ')}]"
         help_text = f"{help_text} {_preset_values(f.name)}" if help_text else _preset_values(f.name)
         lines.append(f"{f.name}: Optional[{annotation}] = None  # {help_text}")
     return "\n".join(lines)
@@ -243,6 +223,10 @@ def config_from_parameters(parameters: dict[str, Any]) -> Config:
         if name in overrides:
             overrides[name] = _parse_list(name, overrides[name])
     return make_config(preset, **overrides)
+
+
+class ResumeConflict(ValueError):
+    """A resume that would change what the run is trained with; the message names the parameters."""
 
 
 # What may differ between a run and its resumption: where things live, how it is evaluated and logged, and
@@ -376,8 +360,6 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
 def _check_model_parameters(cfg: Config) -> None:
     """Parameters that only the model can judge (``bnstats_layer``, ``gn_groups``), checked on a model built on
     the meta device (no memory, no compute), so a typo fails before training rather than after it."""
-    import torch
-
     info = data.DATASETS[cfg.dataset]
     try:
         with torch.device("meta"):
@@ -388,16 +370,12 @@ def _check_model_parameters(cfg: Config) -> None:
         raise ValueError(f"arch={cfg.arch!r}, norm={cfg.norm!r}, gn_groups={cfg.gn_groups}, width_multiplier="
                          f"{cfg.width_multiplier} do not make a model: {exc}") from None
     if cfg.bnstats_layer is None and cfg.bnstats_channels and norm_module.batch_norms(model):
-        from .bnstats import default_layer
-
         try:
-            default_layer(model)
+            norm_module.default_layer(model)
         except ValueError as exc:
             raise ValueError(f"bnstats_layer=None is not accepted for arch={cfg.arch!r}: {exc}") from None
     if cfg.bnstats_layer is not None and cfg.bnstats_channels:
-        from .bnstats import norm_layer_names
-
-        names = norm_layer_names(model)
+        names = norm_module.norm_layer_names(model)
         if cfg.bnstats_layer not in names:
             shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
             raise ValueError(f"bnstats_layer={cfg.bnstats_layer!r} is not accepted; the BN layers of {cfg.arch} with "

@@ -1,6 +1,6 @@
 """Distributed runs: torchrun's environment, a few collectives, and launching torchrun from a notebook.
 
-Launch a run on N processes of one machine with ``torchrun --nproc_per_node=N -m advkit.train CONFIG.json``
+Launch a run on N processes of one machine with ``torchrun --nproc_per_node=N -m advkit.run CONFIG.json``
 (across machines add the usual ``--nnodes``, ``--node_rank``, ``--rdzv_backend=c10d --rdzv_endpoint=HOST:PORT``).
 NCCL on CUDA, gloo on CPU (the tests run 2 gloo processes on a CPU).
 """
@@ -86,10 +86,10 @@ def barrier(ctx: Context) -> None:
 
 
 def launch(config_path: str | Path, nproc: int, tail_lines: int = 60) -> None:
-    """Run ``torchrun --nproc_per_node=nproc -m advkit.train config_path``, streaming its output; a failing rank
+    """Run ``torchrun --nproc_per_node=nproc -m advkit.run config_path``, streaming its output; a failing rank
     raises RuntimeError carrying the end of the output (with the rank's traceback)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "advkit.train", str(config_path)]
+               "-m", "advkit.run", str(config_path)]
     tail: deque[str] = deque(maxlen=tail_lines)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:

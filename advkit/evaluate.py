@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import attacks, data, distributed, models, norm
+from . import attacks, data, distributed, models, norm, paper
+from .device import device_name, eval_autocast, resolve_rank_device, uses_channels_last
 from .validate import check_choice, check_range
 
-PAPER_CHECKPOINTS = (10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
 def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> torch.Generator:
@@ -46,7 +46,7 @@ def curve_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    checkpoints: Sequence[int] = PAPER_CHECKPOINTS,
+    checkpoints: Sequence[int] = paper.PGD_CHECKPOINTS,
     eps: float = 16.0,
     step: float = 1.0,
     targeted: bool = True,
@@ -101,7 +101,7 @@ def robustness_curve(
     loader: torch.utils.data.DataLoader,
     *,
     num_classes: int,
-    checkpoints: Sequence[int] = PAPER_CHECKPOINTS,
+    checkpoints: Sequence[int] = paper.PGD_CHECKPOINTS,
     eps: float = 16.0,
     step: float = 1.0,
     targeted: bool = True,
@@ -187,8 +187,6 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     saved batches are reused only for the same model and batches (a run extended by more epochs is evaluated
     afresh). Every row names the weights (``weights``), the precision and the device it was computed with.
     """
-    from .train import device_name, eval_autocast, resolve_rank_device, uses_channels_last
-
     device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
@@ -286,10 +284,7 @@ def sanity_checks(
 
 def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """:func:`sanity_checks` on the first ``cfg.sanity_n`` test images of the run, through every MBN branch."""
-    from .distributed import context
-    from .train import resolve_rank_device
-
-    device = resolve_rank_device(cfg, context())
+    device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.seed, root=cfg.data_root)
     images, labels = data.to_device(next(iter(loader)), device)
     checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]

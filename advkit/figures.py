@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import project_root, resolve_output
+from .paths import project_root, resolve_output
 
 ANALYSIS_DIR = project_root() / "notebooks" / "analysis"
 

@@ -187,3 +187,21 @@ def freeze_all_but_bn(model: nn.Module, branch: str | None = None) -> list[nn.Pa
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def norm_layer_names(model: nn.Module) -> list[str]:
+    """Module names of the BN and Mixture BN layers (an MBN counts once, not its two branches)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.BatchNorm2d, MixtureBatchNorm2d)) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+def default_layer(model: nn.Module) -> str:
+    """The paper's res3 (stem = stage 1, so torchvision's ``layer2``): first norm of its middle block."""
+    names = [n for n in norm_layer_names(model) if ".layer2." in f".{n}"]
+    if not names:
+        raise ValueError("the model has no BN layer in a stage called 'layer2'; pass bnstats_layer explicitly")
+    blocks = sorted({n.split("layer2.", 1)[1].split(".", 1)[0] for n in names}, key=int)
+    middle = blocks[len(blocks) // 2]
+    return next(n for n in names if f"layer2.{middle}." in n)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .config import project_root
+from .paths import project_root
 
 FIGURES_DIR = project_root() / "figures"
 SOURCES = ("paper", "kit")
@@ -331,3 +331,32 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
             write_table(table, f"{name}_{source}", folder)
             tables[f"{name}_{source}"] = table
     return tables
+
+
+def run_curves(table: pd.DataFrame, title: str) -> plt.Figure:
+    """One run's robustness curve from its ``results.csv`` rows: PGD accuracy against iterations (log axis),
+    final and worst iterate, one line pair per MBN branch; the legend outside the axes."""
+    attacked = table[table["attack"] == "pgd"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for branch, rows in attacked.groupby("branch"):
+        label = "model" if branch == "-" else f"MBN_{branch}"
+        ax.plot(rows["steps"], rows["accuracy"] * 100, marker="o", label=f"{label} (final iterate)")
+        ax.plot(rows["steps"], rows["worst_accuracy"] * 100, ls="--", label=f"{label} (worst iterate)")
+    ax.set(xscale="log", xlabel="PGD iterations", ylabel="accuracy (%)", title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(metrics: pd.DataFrame) -> plt.Figure:
+    """One run's ``metrics.jsonl``: training loss and accuracies (adversarial, clean) per epoch."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3))
+    ax_loss.plot(metrics["epoch"], metrics["loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    for column in ("train_adv_accuracy", "train_clean_accuracy"):
+        if column in metrics and metrics[column].notna().any():
+            ax_acc.plot(metrics["epoch"], metrics[column] * 100, marker="o", label=column.replace("_", " "))
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
+    ax_acc.legend()
+    fig.tight_layout()
+    return fig

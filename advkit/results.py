@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import project_root
+from .paths import project_root, resolve_output
 
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
@@ -259,3 +259,17 @@ def summary_table(root: str | Path) -> pd.DataFrame:
                              aggfunc="first", sort=False)
     ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[3:]))
     return table[ordered].round(1).reset_index()
+
+
+def notebook_inputs(runs_root: str | Path, figures_dir: str | Path) -> tuple[pd.DataFrame, Path]:
+    """What every analysis notebook starts from: the analysis frame (the paper's numbers and the finished runs
+    under ``runs_root``) and the figures folder, both resolved like every output path; prints what it found and
+    lists the runs it left out (failed, unfinished, damaged)."""
+    runs = resolve_output(runs_root)
+    frame = analysis_frame(runs)
+    print(f"paper rows: {(frame.source == 'paper').sum()}, kit rows: {(frame.source == 'kit').sum()} from {runs}")
+    if runs.exists():
+        left_out = unfinished_runs(runs)
+        if not left_out.empty:
+            print(f"runs not mixed in (failed, unfinished or damaged):\n{left_out.to_string(index=False)}")
+    return frame, resolve_output(figures_dir)

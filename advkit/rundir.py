@@ -35,6 +35,9 @@ CHECKPOINT_FORMAT = "advkit-checkpoint-1"
 RESULT_COLUMNS = ("branch", "attack", "steps", "accuracy", "worst_accuracy", "n")
 
 
+_held: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
+
+
 class DamagedFile(ValueError):
     """A run folder's file that cannot be read (truncated, not JSON/CSV, missing columns): names file and run."""
 
@@ -239,12 +242,31 @@ class RunDir:
     def write_table(self, path: Path, table) -> None:
         write_atomic(path, table.to_csv(index=False))
 
+    def clear(self) -> None:
+        """Delete the run's files for ``overwrite=True``, keeping the lock and papermill's notebooks (papermill may
+        be writing one of them for this very run)."""
+        import shutil
+
+        for path in self.path.iterdir():
+            if path.name in (self.notebook.name, self.lock_file.name, ".attempts"):
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     # ---------------------------------------------------------------- the lock
     @contextlib.contextmanager
     def lock(self, wait: bool = False) -> Iterator[None]:
-        """Hold the run's exclusive lock while writing it. ``flock`` belongs to the open file: it is released
-        when the process ends however it ends, so a crashed run never locks anyone out. ``wait=False`` raises
-        RunLocked naming the holder (pid, host, command, since when) if a live process holds it."""
+        """Hold the run's exclusive lock while writing it (re-entrant within a process). ``flock`` belongs to the
+        open file: it is released when the process ends however it ends, so a crashed run never locks anyone
+        out. ``wait=False`` raises RunLocked naming the holder (pid, host, command, since when) if another
+        live process holds it."""
+        key = self.lock_file.resolve()
+        if _held.get(key):
+            _held[key] += 1
+            try:
+                yield
+            finally:
+                _held[key] -= 1
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -257,13 +279,17 @@ class RunDir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
                           f"({' '.join(sys.argv)[:200]})".encode(), 0)
-            yield
+            _held[key] = 1
+            try:
+                yield
+            finally:
+                del _held[key]
         finally:
             os.close(fd)  # releases the lock
 
     def locked_by_other(self) -> str | None:
         """The holder's description if another live process holds the lock, else None (takes nothing)."""
-        if not self.lock_file.exists():
+        if not self.lock_file.exists() or _held.get(self.lock_file.resolve()):
             return None
         fd = os.open(self.lock_file, os.O_RDWR)
         try:

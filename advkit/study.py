@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .config import project_root
+from .paths import project_root
 from .plots import save
 from .results import DamagedRunError, load_bnstats, load_runs, read_metrics
 

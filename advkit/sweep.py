@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, make_config, project_root, resume_conflicts
+from .config import Config, make_config, resume_conflicts
+from .paths import project_root
 from .rundir import RunDir
 from .validate import check_range
 
@@ -259,6 +260,7 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
     import papermill
 
     run = RunDir(cfg.run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
     attempts = run.path / ".attempts"
     attempts.mkdir(parents=True, exist_ok=True)
     attempt = attempts / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
@@ -280,7 +282,8 @@ def _run_point(point: Point, kernel: str | None, progress: bool) -> None:
     evaluate again if only evaluation parameters changed, or start a folder without checkpoint again) and
     execute its notebook."""
     cfg = dataclasses.replace(point.config, resume="auto", overwrite=False)
-    print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm})", flush=True)
+    resuming = " resuming" if RunDir(cfg.run_dir).has_checkpoint() else ""
+    print(f"[sweep] run {cfg.name} ({cfg.strategy}, norm={cfg.norm}){resuming}", flush=True)
     execute(point.notebook, cfg, kernel, progress)
 
 

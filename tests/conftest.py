@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advkit import data, models
+from advkit import data, models, run, train
 
 torch.set_num_threads(2)
 
@@ -54,7 +54,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train ``cfg`` in this process and crash it (KeyboardInterrupt) at its ``calls``-th training step."""
-    from advkit import train
+    from advkit import run, train
 
     real, seen = train.training_loss, []
 
@@ -66,5 +66,5 @@ def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(train, "training_loss", crashing)
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg, show_progress=False)
+        run.train_run(cfg, show_progress=False)
     monkeypatch.setattr(train, "training_loss", real)

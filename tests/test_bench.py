@@ -3,7 +3,7 @@ import sys
 
 import pandas as pd
 
-from advkit import bench, config
+from advkit import bench, config, paths
 
 
 def test_rows_pass_or_fail_by_their_target():
@@ -18,7 +18,7 @@ def test_peak_memory_sees_a_large_allocation():
     code = ("import torch; from advkit import bench; "
             "print(bench.peak_memory(lambda: torch.ones(16 * 2**20).sum(), torch.device('cpu')))")  # 64 MiB
     peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              cwd=config.project_root()).stdout.split()[-1])
+                              cwd=paths.project_root()).stdout.split()[-1])
     assert 0.9 * 64 * 2**20 < peak < 3 * 64 * 2**20
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from advkit.config import project_root, runs_base
+from advkit.paths import project_root, runs_base
 
 CHROMIUM = os.environ.get("ADVKIT_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

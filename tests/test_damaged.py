@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from advkit import cli, config, results, study, train
+from advkit import cli, config, results, run, study, train
 
 TINY = dict(epochs=1, n_train=128, n_test=64, train_steps=1, eval_checkpoints=[1, 2], sanity_n=0, bnstats_channels=4)
 
@@ -20,7 +20,7 @@ def finished_run(tmp_path_factory):
     """One real, finished tiny run (its files are copied and damaged by the tests)."""
     root = tmp_path_factory.mktemp("trained")
     cfg = config.make_config("test", name="good", runs_root=str(root), **TINY)
-    train.run(cfg, show_progress=False)
+    run.run(cfg, show_progress=False)
     return cfg.run_dir
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import config, distributed, train
+from advkit import config, distributed, paths, run, rundir, train
 from advkit.config import make_config
 
 TINY = dict(epochs=1, n_train=256, n_test=70, batch_size=64, eval_batch_size=16, eval_checkpoints=[1, 2],
@@ -28,13 +28,13 @@ def test_two_gloo_processes_give_the_losses_and_weights_of_one(tmp_path):
     kw = dict(runs_root=str(tmp_path), norm="gn", adv_ratio=0, clean_ratio=1.0, lr_decay_epochs=[], **TINY)
     single = make_config("test", name="single", **kw)
     double = make_config("test", name="double", gpus=2, **kw)
-    train.run(single, show_progress=False)
-    table = train.run_launched(double, show_progress=False)
+    run.run(single, show_progress=False)
+    table = run.run_launched(double, show_progress=False)
     one, two = _metrics(single.run_dir), _metrics(double.run_dir)
     assert two[0]["processes"] == 2 and one[0]["processes"] == 1
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
-    w1 = train.load_checkpoint(single.run_dir)["model"]
-    w2 = train.load_checkpoint(double.run_dir)["model"]
+    w1 = rundir.load_checkpoint(single.run_dir)["model"]
+    w2 = rundir.load_checkpoint(double.run_dir)["model"]
     assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-5) for k in w1)
     # distributed evaluation: 70 images in 5 batches of 16 over 2 ranks, each counted once, in order
     assert set(table["n"]) == {70}
@@ -42,11 +42,11 @@ def test_two_gloo_processes_give_the_losses_and_weights_of_one(tmp_path):
     ex2 = np.load(next((double.run_dir / "eval").glob("*/examples.npz")))
     assert np.array_equal(ex1["labels"], ex2["labels"]) and ex2["final"].shape == (2, 70)
     assert np.array_equal(ex1["clean"], ex2["clean"])
-    assert len(train.load_checkpoint(double.run_dir)["rng"]) == 2  # every rank's random state
+    assert len(rundir.load_checkpoint(double.run_dir)["rng"]) == 2  # every rank's random state
 
 
 def test_experiment_notebook_launches_torchrun_with_mixture_bn(tmp_path):
-    nb = config.project_root() / "notebooks" / "experiment.ipynb"
+    nb = paths.project_root() / "notebooks" / "experiment.ipynb"
     params = dict(name="ddp-mbn", runs_root=str(tmp_path), gpus=2, norm="mbn", clean_ratio=0.5, **TINY)
     papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters=params, progress_bar=False)
     results = pd.read_csv(tmp_path / "ddp-mbn" / "results.csv")
@@ -55,7 +55,7 @@ def test_experiment_notebook_launches_torchrun_with_mixture_bn(tmp_path):
 
 
 def test_a_failing_rank_fails_the_notebook_cell_with_its_traceback(tmp_path):
-    nb = config.project_root() / "notebooks" / "experiment.ipynb"
+    nb = paths.project_root() / "notebooks" / "experiment.ipynb"
     params = dict(name="ddp-fail", runs_root=str(tmp_path), gpus=2, dataset="cifar10",
                   data_root=str(tmp_path / "no-cifar"), **TINY)
     with pytest.raises(papermill.PapermillExecutionError, match=r"(?s)distributed run failed.*CIFAR-10"):
@@ -86,7 +86,7 @@ def test_paper_preset_pipeline_on_a_tiny_generated_imagefolder(tmp_path):
                       data_root=str(tmp_path / "imagenet"), arch="resnet50", n_train=8, n_test=8, batch_size=4,
                       eval_batch_size=4, epochs=1, warmup_epochs=0, lr_decay_epochs=[1], train_steps=1,
                       eval_checkpoints=[1], num_workers=0, checkpoint_every_steps=0, sanity_n=4, bnstats_channels=4)
-    table = train.run(cfg, show_progress=False)
+    table = run.run(cfg, show_progress=False)
     assert set(table["steps"]) == {0, 1} and set(table["n"]) == {8}
     metrics = _metrics(cfg.run_dir)
     assert metrics[0]["images_per_s"] > 0 and 0 < metrics[0]["attack_share"] < 1
@@ -112,7 +112,7 @@ def crashing(*args, **kwargs):  # every rank crashes at the same training step, 
     return real(*args, **kwargs)
 
 train.training_loss = crashing
-raise SystemExit(train.main([sys.argv[1]]))
+raise SystemExit(run.main([sys.argv[1]]))
 """
 
 
@@ -121,7 +121,7 @@ def bn_ddp_run(tmp_path_factory):
     """An uninterrupted 2-process BN run (checkpoint every 2 steps, which changes nothing in its trajectory)."""
     cfg = make_config("test", name="straight", runs_root=str(tmp_path_factory.mktemp("ddp")), norm="bn",
                       checkpoint_every_steps=2, **DRIFT)
-    train.run_launched(cfg, show_progress=False)
+    run.run_launched(cfg, show_progress=False)
     return cfg
 
 
@@ -130,7 +130,7 @@ def _evaluate_checkpoint_in_one_process(cfg, name):
     from advkit.evaluate import evaluate_model
 
     model = train.build_model(cfg)
-    model.load_state_dict(train.load_checkpoint(cfg.run_dir)["model"])
+    model.load_state_dict(rundir.load_checkpoint(cfg.run_dir)["model"])
     other = dataclasses.replace(cfg, name=name)
     return evaluate_model(model.eval(), other, show_progress=False), other.run_dir
 
@@ -156,8 +156,8 @@ def test_a_two_process_run_evaluates_exactly_its_saved_checkpoint(tmp_path, bn_d
         cfg = bn_ddp_run
     else:
         cfg = make_config("test", name="mbn", runs_root=str(tmp_path), norm="mbn", clean_ratio=0.5, **DRIFT)
-        train.run_launched(cfg, show_progress=False)
-    ranks = train.load_checkpoint(cfg.run_dir)["rank_buffers"]  # per-replica BN kept: the ranks' statistics differ
+        run.run_launched(cfg, show_progress=False)
+    ranks = rundir.load_checkpoint(cfg.run_dir)["rank_buffers"]  # per-replica BN kept: the ranks' statistics differ
     assert any(not torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.endswith("running_mean"))
     table, other_dir = _evaluate_checkpoint_in_one_process(cfg, "reevaluated")
     table.to_csv(other_dir / "results.csv", index=False)
@@ -174,10 +174,10 @@ def test_a_killed_and_resumed_two_process_bn_run_equals_an_uninterrupted_one(tmp
                str(config_path), "6"]  # crashes at step 6 of 8, after the checkpoint of step 4
     proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode != 0 and "simulated crash" in proc.stdout + proc.stderr
-    assert train.load_checkpoint(cfg.run_dir)["step"] == 4 and not (cfg.run_dir / "results.csv").exists()
+    assert rundir.load_checkpoint(cfg.run_dir)["step"] == 4 and not (cfg.run_dir / "results.csv").exists()
 
-    train.run_launched(dataclasses.replace(cfg, resume=True), show_progress=False)
-    got, want = train.load_checkpoint(cfg.run_dir), train.load_checkpoint(bn_ddp_run.run_dir)
+    run.run_launched(dataclasses.replace(cfg, resume=True), show_progress=False)
+    got, want = rundir.load_checkpoint(cfg.run_dir), rundir.load_checkpoint(bn_ddp_run.run_dir)
     assert got["step"] == want["step"] == 8
     for name in want["model"]:  # weights, and rank 0's BN buffers
         assert torch.equal(got["model"][name], want["model"][name]), name

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advkit import config, data, sweep, train
+from advkit import config, data, paths, run, rundir, sweep, train
 from advkit.config import make_config
 from conftest import train_until_crash
 
@@ -45,11 +45,11 @@ def _damage(path: Path, how: str) -> None:
 
 
 def _start(config_path: Path, log: Path, resume: bool = True) -> subprocess.Popen:
-    """``python -m advkit.train [--resume] CONFIG`` in a fresh process: one thread (deterministic, and gentle
+    """``python -m advkit.run [--resume] CONFIG`` in a fresh process: one thread (deterministic, and gentle
     with a small machine), this checkout's package."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                        "PYTHONPATH": os.pathsep.join([str(config.project_root()), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "advkit.train", *(["--resume"] if resume else []), str(config_path)]
+                        "PYTHONPATH": os.pathsep.join([str(paths.project_root()), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "advkit.run", *(["--resume"] if resume else []), str(config_path)]
     with open(log, "ab") as stderr:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
@@ -94,7 +94,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def _assert_matches_reference(run_dir: Path, reference: Path) -> None:
-    got, want = train.load_checkpoint(run_dir), train.load_checkpoint(reference)
+    got, want = rundir.load_checkpoint(run_dir), rundir.load_checkpoint(reference)
     assert (got["epoch"], got["step"]) == (2, STEPS)
     _assert_same_weights(got["model"], want["model"])
     _assert_same_weights(got["optimizer"]["state"][0], want["optimizer"]["state"][0])
@@ -106,49 +106,50 @@ def _assert_matches_reference(run_dir: Path, reference: Path) -> None:
 # ---------------------------------------------------------------- checkpoint files
 
 def test_checkpoints_keep_the_previous_one_and_leave_no_temporary_file(tmp_path):
-    path, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    folder = rundir.RunDir(tmp_path)
     for value in range(3):
-        train.save_checkpoint(path, {"w": torch.full((3,), float(value)), "step": value}, previous=prev)
-    assert train.load_checkpoint(path)["step"] == 2 and train.load_checkpoint(prev)["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "prev.pt"]
+        folder.save_checkpoint({"w": torch.full((3,), float(value)), "step": value})
+    assert rundir.load_checkpoint(folder.last_checkpoint)["step"] == 2
+    assert rundir.load_checkpoint(folder.previous_checkpoint)["step"] == 1
+    assert sorted(p.name for p in folder.checkpoints.iterdir()) == ["last.pt", "prev.pt"]
 
 
 @pytest.mark.parametrize("how", ["truncate", "0.2", "0.5", "0.8"])
 def test_a_truncated_or_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path, how):
-    path = tmp_path / "last.pt"
-    train.save_checkpoint(path, {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))})
-    train.load_checkpoint(path)
+    path = rundir.RunDir(tmp_path).last_checkpoint
+    rundir.RunDir(tmp_path).save_checkpoint({"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))})
+    rundir.load_checkpoint(path)
     _damage(path, how)
-    with pytest.raises(train.CheckpointError,
+    with pytest.raises(rundir.CheckpointError,
                        match=rf"checkpoint {re.escape(str(path))} is (truncated or corrupt|corrupt: the SHA)"):
-        train.load_checkpoint(path)
+        rundir.load_checkpoint(path)
 
 
 def test_a_flipped_byte_in_the_weights_is_caught_by_the_checksum(tmp_path):
     """A flip inside the tensor data: the archive still reads, only the SHA-256 can tell."""
-    path = tmp_path / "last.pt"
+    path = rundir.RunDir(tmp_path).last_checkpoint
     weights = torch.zeros(4096, dtype=torch.uint8)
-    train.save_checkpoint(path, {"w": weights})
+    rundir.RunDir(tmp_path).save_checkpoint({"w": weights})
     wrapper = torch.load(path, weights_only=True)
     payload = bytearray(wrapper["payload"].numpy().tobytes())
     payload[payload.find(bytes(4096)) + 100] = 1  # inside the zeros of "w"
     wrapper["payload"] = torch.frombuffer(payload, dtype=torch.uint8)
     torch.save(wrapper, path)
     assert torch.load(io.BytesIO(bytes(payload)), weights_only=True)["w"].sum() == 1  # readable, but wrong
-    with pytest.raises(train.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is corrupt: the SHA-256"):
-        train.load_checkpoint(path)
+    with pytest.raises(rundir.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is corrupt: the SHA-256"):
+        rundir.load_checkpoint(path)
 
 
 def test_resume_falls_back_to_the_previous_checkpoint_and_ends_bitwise_equal(tmp_path, monkeypatch):
     kw = dict(runs_root=str(tmp_path), checkpoint_every_steps=3, **SMALL)
-    straight = train.train(make_config("test", name="straight", **kw), show_progress=False)
+    straight = run.train_run(make_config("test", name="straight", **kw), show_progress=False)
     train_until_crash(make_config("test", name="crashed", **kw), calls=11, monkeypatch=monkeypatch)
     folder = tmp_path / "crashed" / "checkpoints"
-    assert [train.load_checkpoint(folder / n)["step"] for n in ("last.pt", "prev.pt")] == [9, 8]
+    assert [rundir.load_checkpoint(folder / n)["step"] for n in ("last.pt", "prev.pt")] == [9, 8]
     _damage(folder / "last.pt", "truncate")
     with pytest.warns(RuntimeWarning, match=rf"{re.escape(str(folder / 'last.pt'))} is truncated .*resuming from "
                                             rf"the previous checkpoint {re.escape(str(folder / 'prev.pt'))}"):
-        resumed = train.train(make_config("test", name="crashed", resume=True, **kw), show_progress=False)
+        resumed = run.train_run(make_config("test", name="crashed", resume=True, **kw), show_progress=False)
     _assert_same_weights(straight.state_dict(), resumed.state_dict())
     assert [m["loss"] for m in _metrics(tmp_path / "crashed")] == [m["loss"] for m in _metrics(tmp_path / "straight")]
 
@@ -159,10 +160,10 @@ def test_resume_without_any_good_checkpoint_is_a_clear_error(tmp_path, monkeypat
     folder = tmp_path / "crashed" / "checkpoints"
     _damage(folder / "last.pt", "truncate")
     (folder / "prev.pt").unlink()
-    with pytest.raises(train.CheckpointError, match=rf"no good checkpoint to resume from in {re.escape(str(folder))}: "
+    with pytest.raises(rundir.CheckpointError, match=rf"no good checkpoint to resume from in {re.escape(str(folder))}: "
                                                     rf"checkpoint {re.escape(str(folder / 'last.pt'))} is truncated"
                                                     r".*prev\.pt"):
-        train.train(make_config("test", name="crashed", resume=True, runs_root=str(tmp_path),
+        run.train_run(make_config("test", name="crashed", resume=True, runs_root=str(tmp_path),
                                 checkpoint_every_steps=2, **SMALL), show_progress=False)
 
 
@@ -183,12 +184,12 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path, wrapped):
     if wrapped:  # a file that passes the checksum: the inner load must refuse it too
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        state = {"format": train.CHECKPOINT_FORMAT, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        state = {"format": rundir.CHECKPOINT_FORMAT, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                  "payload": torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)}
     torch.save(state, path)
-    with pytest.raises(train.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is refused: it refers to "
+    with pytest.raises(rundir.CheckpointError, match=rf"checkpoint {re.escape(str(path))} is refused: it refers to "
                                                     r"\S+, not only to tensors.*weights_only=True"):
-        train.load_checkpoint(path)
+        rundir.load_checkpoint(path)
     assert not marker.exists()
 
 
@@ -216,8 +217,8 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoi
     last = tmp_path / "nan" / "checkpoints" / "last.pt"
     with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan.*epoch 2, batch 3 of 8 \(step 11\).*"
                                                  rf"{re.escape(str(last))}"):
-        train.train(cfg, show_progress=False)
-    ckpt = train.load_checkpoint(last)  # loads: its checksum verifies
+        run.train_run(cfg, show_progress=False)
+    ckpt = rundir.load_checkpoint(last)  # loads: its checksum verifies
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 2, 10)
     assert json.loads((tmp_path / "nan" / "status.json").read_text())["state"] == "failed"
 
@@ -226,7 +227,7 @@ def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoi
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_the_same_command_ends_bitwise_equal(tmp_path, reference):
-    """Kill `python -m advkit.train --resume CONFIG` with SIGKILL three times, each at a seeded random moment after
+    """Kill `python -m advkit.run --resume CONFIG` with SIGKILL three times, each at a seeded random moment after
     it wrote a new checkpoint (mid-step, mid-write or mid-epoch), then run the same command to the end."""
     config_path = _saved_config(tmp_path, "killed", checkpoint_every_steps=1)
     run_dir, log = tmp_path / "runs" / "killed", tmp_path / "log.txt"
@@ -260,7 +261,7 @@ def test_sigterm_checkpoints_where_it_is_exits_cleanly_and_resumes_bitwise_equal
     assert "SIGTERM: training stopped at epoch" in log.read_text() and "--resume" in log.read_text()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and "resume=True" in status["error"]
-    ckpt = train.load_checkpoint(run_dir)
+    ckpt = rundir.load_checkpoint(run_dir)
     assert ckpt["batch_in_epoch"] > 0 and ckpt["step"] == 8 * ckpt["epoch"] + ckpt["batch_in_epoch"] < STEPS
     assert not (run_dir / "results.csv").exists()
     proc = _start(config_path, log)
@@ -277,13 +278,17 @@ def test_the_sigterm_handler_lives_only_while_training(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_continuing_resumes_restarts_or_starts_as_the_folder_says(tmp_path, monkeypatch):
-    cfg = make_config("test", name="r", runs_root=str(tmp_path), checkpoint_every_steps=2, **SMALL)
-    assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (False, False)  # no folder yet
-    train_until_crash(cfg, calls=1, monkeypatch=monkeypatch)  # killed before its first checkpoint
-    assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (False, True)
-    train_until_crash(train.continuing(cfg), calls=4, monkeypatch=monkeypatch)
-    assert (train.continuing(cfg).resume, train.continuing(cfg).overwrite) == (True, False)
+def test_resume_auto_resumes_restarts_or_starts_as_the_folder_says(tmp_path, monkeypatch):
+    cfg = make_config("test", name="r", runs_root=str(tmp_path), checkpoint_every_steps=2, resume="auto", **SMALL)
+    train_until_crash(cfg, calls=1, monkeypatch=monkeypatch)  # no folder yet: started; killed before a checkpoint
+    assert not rundir.RunDir(cfg.run_dir).has_checkpoint()
+    train_until_crash(cfg, calls=4, monkeypatch=monkeypatch)  # started again; killed after the checkpoint at step 2
+    assert rundir.load_checkpoint(cfg.run_dir)["step"] == 2
+    steps = []
+    real = train.training_loss
+    monkeypatch.setattr(train, "training_loss", lambda *a, **k: steps.append(1) or real(*a, **k))
+    run.train_run(cfg, show_progress=False)  # resumed from step 2
+    assert len(steps) == rundir.load_checkpoint(cfg.run_dir)["step"] - 2
 
 
 # ---------------------------------------------------------------- bad input: refused before anything is written
@@ -356,7 +361,7 @@ def test_bad_inputs_name_the_parameter_and_write_nothing(tmp_path, monkeypatch, 
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        train.run(make_config("test", name="bad", runs_root=str(runs), **SMALL | overrides), show_progress=False)
+        run.run(make_config("test", name="bad", runs_root=str(runs), **SMALL | overrides), show_progress=False)
     assert [p.name for p in runs.iterdir()] == ["other"]
     assert {p: p.read_bytes() for p in other.iterdir()} == snapshot
 
@@ -364,7 +369,7 @@ def test_bad_inputs_name_the_parameter_and_write_nothing(tmp_path, monkeypatch, 
 def _typo_through_cli(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"name": "typo", "runs_root": str(tmp_path / "runs"), "clean_ratoi": 0.5}))
-    train.main([str(path)])
+    run.main([str(path)])
 
 
 def _typo_through_notebook(tmp_path):
@@ -379,7 +384,7 @@ def _typo_through_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("entry", [_typo_through_cli, _typo_through_notebook, _typo_through_sweep],
-                         ids=["python -m advkit.train", "experiment notebook", "sweep file"])
+                         ids=["python -m advkit.run", "experiment notebook", "sweep file"])
 def test_every_entry_point_rejects_a_typo_with_the_valid_names(tmp_path, entry):
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['clean_ratoi'\]; valid parameters: \[.*"
                                          r"'clean_ratio'.*\]"):

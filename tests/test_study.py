@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from advkit import config, study, train
+from advkit import config, run, study, train
 
 
 def test_settings_drop_the_grid_tags_of_seed_and_depth():
@@ -62,7 +62,7 @@ def test_export_writes_tidy_tables_and_keeps_earlier_rows(tmp_path):
     cfg = config.make_config("test", name="adv-clean100-mbn-seed0", runs_root=str(runs_root / "main"), norm="mbn",
                              clean_ratio=1.0, n_train=128, epochs=1, train_steps=1, eval_checkpoints=[1, 2], n_test=32,
                              sanity_n=0)
-    train.run(cfg, show_progress=False)
+    run.run(cfg, show_progress=False)
     out = tmp_path / "tables"
     counts = study.export(runs_root, out)
     runs, bnstats = study.load(out)

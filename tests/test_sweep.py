@@ -4,7 +4,7 @@ import re
 import papermill
 import pytest
 
-from advkit import config, results, sweep, train
+from advkit import config, paths, results, rundir, sweep, train
 from conftest import train_until_crash
 
 FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_checkpoints": [1], "sanity_n": 0, "bnstats_channels": 0}
@@ -72,33 +72,33 @@ def test_a_sweep_rerun_resumes_a_point_killed_before_its_results(tmp_path, monke
     f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST | {"checkpoint_every_steps": 1},
                                                 "points": [{"name": "cut"}]}))
     train_until_crash(sweep.load_sweep(f)[0].config, calls=2, monkeypatch=monkeypatch)  # checkpoint at step 1
-    assert train.load_checkpoint(runs / "cut")["step"] == 1 and not (runs / "cut" / "results.csv").exists()
+    assert rundir.load_checkpoint(runs / "cut")["step"] == 1 and not (runs / "cut" / "results.csv").exists()
     outcome = sweep.run_sweep(f, progress=False)
     assert outcome["done"] == ["cut"]
     assert "[sweep] run cut (100% adv + 0% clean, norm=bn) resuming" in capsys.readouterr().out
-    assert "resume = True" in (runs / "cut" / "experiment.ipynb").read_text()  # the injected parameters
-    assert train.load_checkpoint(runs / "cut")["step"] == 2 and (runs / "cut" / "results.csv").exists()
+    assert 'resume = \\"auto\\"' in (runs / "cut" / "experiment.ipynb").read_text()  # the injected parameters (JSON-escaped)
+    assert rundir.load_checkpoint(runs / "cut")["step"] == 2 and (runs / "cut" / "results.csv").exists()
     assert results.run_status(runs / "cut") == "done"
 
 
 def test_experiment_notebook_rejects_unknown_parameters(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) \['clean_ratoi'\]"):
-        papermill.execute_notebook(str(config.project_root() / "notebooks" / "experiment.ipynb"),
+        papermill.execute_notebook(str(paths.project_root() / "notebooks" / "experiment.ipynb"),
                                    str(tmp_path / "out.ipynb"), parameters={"clean_ratoi": 0.5}, progress_bar=False)
 
 
 def test_experiment_notebook_parameters_are_the_config_and_default_to_the_preset():
     import nbformat
-    from typing import Optional
+    from typing import Optional, Union
 
     from papermill.translators import PythonTranslator
 
-    nb = nbformat.read(config.project_root() / "notebooks" / "experiment.ipynb", as_version=4)
+    nb = nbformat.read(paths.project_root() / "notebooks" / "experiment.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert cell.source == config.parameters_cell()  # regenerate it with config.parameters_cell() after a change
-    namespace: dict = {"Optional": Optional}
+    namespace: dict = {"Optional": Optional, "Union": Union}
     exec(cell.source, namespace)
-    namespace = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "Optional"}
+    namespace = {k: v for k, v in namespace.items() if not k.startswith("__") and k not in ("Optional", "Union")}
     assert namespace.pop("preset") == "test"
     assert set(namespace.values()) == {None}  # every parameter: the preset's value
     assert config.config_from_parameters(namespace) == config.make_config("test")
@@ -107,7 +107,7 @@ def test_experiment_notebook_parameters_are_the_config_and_default_to_the_preset
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed stripped
 
 
-@pytest.mark.parametrize("path", sorted((config.project_root() / "notebooks" / "sweeps").glob("**/*.yaml")),
+@pytest.mark.parametrize("path", sorted((paths.project_root() / "notebooks" / "sweeps").glob("**/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_sweep_file_is_valid(path):
     points = sweep.load_sweep(path)
@@ -174,12 +174,14 @@ run = pathlib.Path(runs_root) / name
 if name == "die":  # the shard process that executes this notebook is killed, as by the OOM killer
     os.kill(os.getppid(), signal.SIGKILL)
     os._exit(0)
-(run / "results.csv").write_text("stand-in\\n")
+(run / "results.csv").write_text("branch,attack,steps,accuracy,worst_accuracy,n\\n-,clean,0,0.5,0.5,2\\n")
+(run / "status.json").write_text('{"state": "done"}')
 """
 
 
 def _stand_in_sweep(tmp_path, names, **extra):
-    """A sweep whose notebook only writes ``results.csv`` (a point named 'die' kills the process running it)."""
+    """A sweep whose notebook only writes a finished run's ``results.csv`` and status (a point named 'die' kills the
+    process running it)."""
     import nbformat
 
     notebook = nbformat.v4.new_notebook()
@@ -289,7 +291,7 @@ def test_the_readmes_papermill_example_runs_on_a_new_run_folder(tmp_path):
     import subprocess
     import sys
 
-    readme = (config.project_root() / "README.md").read_text()
+    readme = (paths.project_root() / "README.md").read_text()
     block = re.search(r"## One experiment through papermill.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
     lines = block.replace("\\\n", " ").splitlines()
     first_run = next(i for i, line in enumerate(lines) if "papermill notebooks/experiment.ipynb" in line)
@@ -299,7 +301,7 @@ def test_the_readmes_papermill_example_runs_on_a_new_run_folder(tmp_path):
         " -p epochs 1 -p n_train 128 -p n_test 64 -p train_steps 1 -p sanity_n 0 -p bnstats_channels 0"
         " -y 'eval_checkpoints: [1]' --no-progress-bar")
     (tmp_path / ".venv").symlink_to(config.Path(sys.executable).parents[1])
-    (tmp_path / "notebooks").symlink_to(config.project_root() / "notebooks")
+    (tmp_path / "notebooks").symlink_to(paths.project_root() / "notebooks")
     env = os.environ | {"ADVKIT_OUTPUT_BASE": str(tmp_path)}  # run folders land beside the notebook, as in the repo
     done = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=env, capture_output=True,
                           text=True)

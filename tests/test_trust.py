@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import advkit
-from advkit import bnstats, config, evaluate, fold, models, train
+from advkit import bnstats, config, evaluate, fold, models, run, rundir, strategy, train
 from advkit.config import make_config
 
 TINY = dict(epochs=1, n_train=128, n_test=48, batch_size=32, eval_batch_size=16, eval_checkpoints=[1, 2],
@@ -32,9 +32,9 @@ def test_extending_a_finished_run_evaluates_the_new_weights(tmp_path):
     """Defect 3: saved per-batch results were keyed by the evaluation spec only, so a run extended with
     ``resume=True, epochs=2`` reported the first model's numbers."""
     kw = dict(TINY, runs_root=str(tmp_path), name="extend", lr=0.4, lr_decay_epochs=[])
-    train.run(make_config("test", **kw), show_progress=False)
+    run.run(make_config("test", **kw), show_progress=False)
     first = pd.read_csv(tmp_path / "extend" / "results.csv")
-    train.run(make_config("test", **kw | dict(epochs=3, resume=True)), show_progress=False)
+    run.run(make_config("test", **kw | dict(epochs=3, resume=True)), show_progress=False)
     extended = pd.read_csv(tmp_path / "extend" / "results.csv")
     fresh = _fresh_evaluation(tmp_path / "extend", tmp_path)
     assert extended["accuracy"].tolist() == fresh["accuracy"].tolist()
@@ -55,7 +55,7 @@ def test_evaluation_is_fp32_by_default_and_says_so(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "curve_batch", recording)
-    table = train.run(cfg, show_progress=False)
+    table = run.run(cfg, show_progress=False)
     assert autocast_seen and not any(autocast_seen)
     assert set(table["precision"]) == {"fp32"} and table["device"].str.startswith("cpu").all()
     fresh = _fresh_evaluation(cfg.run_dir, tmp_path, bf16=False)
@@ -116,7 +116,7 @@ def _losses(weighting: str, alpha: float, clean_ratio: float) -> float:
     torch.manual_seed(0)
     model = models.build_model("small_resnet8", 10, "bn", in_channels=1, mean=[0.5], std=[0.5]).train()
     images, labels = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
-    loss, _ = train.training_loss(model, images, labels, cfg, torch.Generator().manual_seed(3))
+    loss, _ = strategy.training_loss(model, images, labels, cfg, torch.Generator().manual_seed(3))
     return loss.item()
 
 
@@ -127,7 +127,7 @@ def test_eq1_weightings_agree_on_full_pairs_and_differ_as_stated_otherwise():
     clean, adv = _losses("share", 1.0, 0.25), _losses("share", 0.0, 0.25)  # J(clean) and J(adv) alone
     assert _losses("share", 0.5, 0.25) == pytest.approx(0.5 * clean + 0.5 * adv, rel=1e-5)
     assert _losses("per_image", 0.5, 0.25) == pytest.approx((4 * clean + 16 * adv) / 20, rel=1e-5)
-    assert train.eq1_loss(torch.tensor(1.0), torch.tensor(3.0), 4, 16, 0.3, "per_image").item() == pytest.approx(
+    assert strategy.eq1_loss(torch.tensor(1.0), torch.tensor(3.0), 4, 16, 0.3, "per_image").item() == pytest.approx(
         (0.3 * 4 * 1 + 0.7 * 16 * 3) / (0.3 * 4 + 0.7 * 16))
     with pytest.raises(ValueError, match=r"eq1_weighting='mean' is not accepted; choose one of \['share', 'per_image'\]"):
         make_config("test", eq1_weighting="mean")
@@ -186,23 +186,23 @@ def test_late_failing_parameters_are_refused_before_anything_is_written(tmp_path
     """Defect 8: a misspelt bnstats_layer failed after the whole training; train_step=0 trained with an attack
     that never moves."""
     with pytest.raises(ValueError, match=message):
-        train.run(make_config(None, **make_config("test").to_dict() | TINY | dict(bnstats_channels=4,
+        run.run(make_config(None, **make_config("test").to_dict() | TINY | dict(bnstats_channels=4,
                                                                                   runs_root=str(tmp_path)) | overrides),
                   show_progress=False)
     assert not any(tmp_path.iterdir())
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_before_the_run_folder(tmp_path):
-    train.train(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r8")), show_progress=False)
+    run.train_run(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r8")), show_progress=False)
     with pytest.raises(ValueError, match=r"init_checkpoint=.* does not fit arch='small_resnet14'"):
-        train.train(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r14", arch="small_resnet14",
+        run.train_run(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r14", arch="small_resnet14",
                                                       init_checkpoint=str(tmp_path / "r8"))), show_progress=False)
     assert not (tmp_path / "r14").exists()
 
 
 def test_a_run_records_what_decides_its_numbers(tmp_path):
     cfg = make_config("test", **TINY | dict(runs_root=str(tmp_path)))
-    train.run(cfg, show_progress=False)
+    run.run(cfg, show_progress=False)
     env = json.loads((cfg.run_dir / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: ")
     assert env["torch_threads"] == torch.get_num_threads() and env["eval_precision"] == "fp32"
@@ -211,7 +211,7 @@ def test_a_run_records_what_decides_its_numbers(tmp_path):
 
 def test_load_run_gives_the_config_and_the_evaluated_model(tmp_path):
     cfg = make_config("test", **TINY | dict(runs_root=str(tmp_path), norm="mbn", clean_ratio=1.0))
-    table = train.run(cfg, show_progress=False)
+    table = run.run(cfg, show_progress=False)
     loaded_cfg, model = advkit.load_run(cfg.run_dir, branch="adv")
     assert loaded_cfg.to_dict() == cfg.to_dict() and not model.training
     assert set(table["weights"]) == {models.weights_digest(model)}
@@ -231,9 +231,9 @@ def test_a_sweep_point_and_the_same_config_run_directly_give_identical_weights(t
     (tmp_path / "s.yaml").write_text(json.dumps({"runs_root": str(tmp_path / "swept"), "points": [point]}))
     assert sweep.run_sweep(tmp_path / "s.yaml", progress=False)["done"] == ["p"]
     direct = make_config("test", **{k: v for k, v in point.items() if k != "preset"} | dict(runs_root=str(tmp_path)))
-    train.run(direct, show_progress=False)
-    swept = train.load_checkpoint(tmp_path / "swept" / "p")["model"]
-    mine = train.load_checkpoint(direct.run_dir)["model"]
+    run.run(direct, show_progress=False)
+    swept = rundir.load_checkpoint(tmp_path / "swept" / "p")["model"]
+    mine = rundir.load_checkpoint(direct.run_dir)["model"]
     assert swept.keys() == mine.keys() and all(torch.equal(swept[k], mine[k]) for k in mine)
     assert pd.read_csv(tmp_path / "swept" / "p" / "results.csv")["accuracy"].tolist() == \
         pd.read_csv(direct.run_dir / "results.csv")["accuracy"].tolist()
