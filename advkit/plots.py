@@ -17,6 +17,7 @@ import pandas as pd
 import seaborn as sns
 
 from .config import project_root
+from .results import paper_protocol
 
 FIGURES_DIR = project_root() / "figures"
 SOURCES = ("paper", "kit")
@@ -74,7 +75,9 @@ def _panel(ax: plt.Axes, source: str, rows: pd.DataFrame, draw: Callable, name: 
 
 def side_by_side(frame: pd.DataFrame, select: Callable[[pd.DataFrame], pd.DataFrame], draw: Callable,
                  name: str, title: str, folder: str | Path | None = None) -> plt.Figure:
-    """Draw ``draw(ax, rows)`` for the paper's and the kit's rows chosen by ``select``; save as ``name``."""
+    """Draw ``draw(ax, rows)`` for the paper's and the kit's rows chosen by ``select`` (among the rows of the
+    paper's protocol: AutoAttack's rows are left out); save as ``name``."""
+    frame = paper_protocol(frame)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, source in zip(axes, SOURCES):
         rows = frame[frame["source"] == source]
@@ -308,7 +311,9 @@ def write_table(table: pd.DataFrame, name: str, folder: str | Path | None = None
 
 
 def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Tables 1, 2, 4, 5, 6 and 7 for each source, written as CSV and Markdown (``tableN_<source>``)."""
+    """Tables 1, 2, 4, 5, 6 and 7 for each source, written as CSV and Markdown (``tableN_<source>``), from the
+    rows of the paper's protocol."""
+    frame = paper_protocol(frame)
     tables = {}
     for source in SOURCES:
         rows = frame[frame["source"] == source]

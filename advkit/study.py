@@ -21,7 +21,7 @@ from scipy import stats
 
 from .config import project_root
 from .plots import save
-from .results import load_bnstats, load_runs
+from .results import load_bnstats, load_runs, paper_protocol
 
 TABLES_DIR = project_root() / "data" / "results" / "study"
 RUN_COLUMNS = ["sweep", "run", "setting", "seed", "arch", "norm", "strategy", "adv_ratio", "clean_ratio",
@@ -58,6 +58,7 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = load_runs(runs_root)
     if not runs.empty:
+        runs = paper_protocol(runs)  # AutoAttack's rows stay in each run's results.csv
         runs = runs.assign(sweep=[Path(d).parent.name for d in runs["run_dir"]], run=runs["name"],
                            setting=runs["name"].map(setting_of), accuracy=runs["accuracy"] * 100,
                            worst_accuracy=runs["worst_accuracy"] * 100)[RUN_COLUMNS]

@@ -522,16 +522,20 @@ def run(cfg: Config, show_progress: bool = True):
     """Train, then evaluate into the run folder: ``results.csv`` (robustness curves, each MBN branch; sharded
     across ranks under torchrun), ``sanity.csv`` (sanity checks) and ``bnstats.csv`` (Figures 5-6), the last two
     on rank 0. ``results.csv`` is written last: it marks a finished run."""
+    import pandas as pd
+
     from .bnstats import bnstats_for_run
-    from .evaluate import evaluate_model, sanity_for_run
+    from .evaluate import autoattack_sanity_for_run, evaluate_model, sanity_for_run
 
     model = train(cfg, show_progress)  # marks the run failed itself once its folder is prepared
     ctx = distributed.context()
     try:
         results = evaluate_model(model, cfg, show_progress=show_progress and ctx.main)
         if ctx.main:
-            if cfg.sanity_n:
-                sanity_for_run(model, cfg).to_csv(cfg.run_dir / "sanity.csv", index=False)
+            sanity = [sanity_for_run(model, cfg)] if cfg.sanity_n else []
+            sanity += [autoattack_sanity_for_run(model, cfg)] if cfg.eval_autoattack_n else []
+            if sanity:
+                pd.concat(sanity, ignore_index=True).to_csv(cfg.run_dir / "sanity.csv", index=False)
             if cfg.bnstats_channels and norm.batch_norms(model):
                 bnstats_for_run(model, cfg).to_csv(cfg.run_dir / "bnstats.csv", index=False)
             results.to_csv(cfg.run_dir / "results.csv", index=False)
