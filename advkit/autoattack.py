@@ -5,7 +5,7 @@ field's usual one. Here an example counts as robust only if it survives both of 
 at the reference settings of its "standard" L-inf version: APGD with the cross-entropy loss (one run) and
 targeted APGD with the DLR loss against the ``min(num_classes - 1, 9)`` highest-scoring other classes, each
 100 iterations, untargeted threat model (any misclassification counts). FAB-T and Square, the standard
-version's last two attacks, are left out (they rarely change the number; Croce & Hein, Table 2).
+version's last two attacks, are left out: the accuracy here is an upper bound on full AutoAttack's.
 
 The attacks are torchattacks' (pinned, 3.5.1), not re-written. torchattacks seeds torch's global RNG itself;
 each call here seeds it with the batch's seed and restores the caller's RNG state afterwards.

@@ -7,6 +7,9 @@ worst-iterate accuracy (an example counts as broken once any iterate so far, the
 fooled the model). The logits of each iterate come for free from the forward pass of its gradient step.
 Random numbers are drawn per batch from ``seed`` and the batch index, so a resumed (or sharded) evaluation,
 and a separate PGD-N run of the same batch with the same seed, draw the same targets and starts.
+AutoAttack (APGD-CE + APGD-T, :mod:`advkit.autoattack`) runs beside PGD on the first ``eval_autoattack_n``
+images, resumable in the same way (:func:`autoattack_for_run`), checked against untargeted PGD
+(:func:`autoattack_vs_pgd_check`).
 """
 
 from __future__ import annotations

@@ -520,8 +520,9 @@ def _train(cfg: Config, device: torch.device, run_dir: Path, show_progress: bool
 
 def run(cfg: Config, show_progress: bool = True):
     """Train, then evaluate into the run folder: ``results.csv`` (robustness curves, each MBN branch; sharded
-    across ranks under torchrun), ``sanity.csv`` (sanity checks) and ``bnstats.csv`` (Figures 5-6), the last two
-    on rank 0. ``results.csv`` is written last: it marks a finished run."""
+    across ranks under torchrun; AutoAttack's rows too), ``sanity.csv`` (sanity checks, AutoAttack against PGD)
+    and ``bnstats.csv`` (Figures 5-6), the last two on rank 0. ``results.csv`` is written last: it marks a
+    finished run."""
     import pandas as pd
 
     from .bnstats import bnstats_for_run
