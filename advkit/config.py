@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import attacks, data, models, paper
+from . import attacks, autoattack, data, models, paper
 from . import norm as norm_module
 from .paths import resolve_output
 from .validate import check_choice, check_range
@@ -89,6 +89,7 @@ class Config:
     eval_step_rule: str = "fixed"  # fixed | max_eps_over_steps (the original pipeline's max(step, eps / N))
     eval_batch_size: int = 256
     eval_bf16: bool = False  # evaluate under bf16 autocast (CUDA); default fp32, recorded in results.csv
+    eval_autoattack_n: int = 0  # first N test images also under AutoAttack (APGD-CE + APGD-T, 100 iterations; 0: off)
     sanity_n: int = 256  # test images for the sanity checks (0: skip them)
     bnstats_channels: int = 20  # channels sampled for Figures 5 and 6 (0: skip BN statistics)
     bnstats_layer: str | None = None  # a norm layer's module name; None: the middle block of the third stage
@@ -296,7 +297,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     for name in ("train_eps", "train_step", "eval_eps", "eval_step"):
         check_range(name, getattr(cfg, name), 0, 255)
     for name in ("seed", "train_steps", "num_workers", "checkpoint_every_steps", "running_stats_epochs", "sanity_n",
-                 "bnstats_channels"):
+                 "bnstats_channels", "eval_autoattack_n"):
         check_range(name, getattr(cfg, name), 0, integer=True)
     for name in ("epochs", "batch_size", "eval_batch_size", "width_multiplier", "gn_groups", "eval_restarts", "gpus"):
         check_range(name, getattr(cfg, name), 1, integer=True)
@@ -307,6 +308,11 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval_checkpoints):
         raise ValueError(f"eval_checkpoints={cfg.eval_checkpoints!r} is not accepted; give a list of positive PGD "
                          "iteration counts, e.g. [10, 20, 50, 100, 200, 500, 1000, 2000]")
+    if cfg.eval_autoattack_n and cfg.n_test is not None and cfg.eval_autoattack_n > cfg.n_test:
+        raise ValueError(f"eval_autoattack_n={cfg.eval_autoattack_n} is not accepted with n_test={cfg.n_test}: "
+                         "AutoAttack runs on the first images of the evaluation set; give 0 (off) up to n_test")
+    if cfg.eval_autoattack_n:
+        autoattack.require_torchattacks()  # an ImportError saying how to install it, before any compute
     check_range("lr", cfg.lr, 0, low_open=True)
     check_range("weight_decay", cfg.weight_decay, 0)
     check_range("alp_weight", cfg.alp_weight, 0)

@@ -7,6 +7,9 @@ worst-iterate accuracy (an example counts as broken once any iterate so far, the
 fooled the model). The logits of each iterate come for free from the forward pass of its gradient step.
 Random numbers are drawn per batch from ``seed`` and the batch index, so a resumed (or sharded) evaluation,
 and a separate PGD-N run of the same batch with the same seed, draw the same targets and starts.
+AutoAttack (APGD-CE + APGD-T, :mod:`advkit.autoattack`) runs beside PGD on the first ``eval_autoattack_n``
+images, resumable in the same way (:func:`autoattack_for_run`), checked against untargeted PGD
+(:func:`autoattack_vs_pgd_check`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import attacks, data, distributed, models, norm, paper
+from . import attacks, autoattack, data, distributed, models, norm, paper
 from .device import device_name, eval_autocast, resolve_rank_device, uses_channels_last
 from .validate import check_choice, check_range
 
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one evaluation batch: independent of which batches ran before (resume, sharding)."""
+    return seed * 1_000_003 + batch_index
+
+
 def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> torch.Generator:
-    """The generator of one evaluation batch: independent of which batches ran before (resume, sharding)."""
-    return torch.Generator(torch.device(device)).manual_seed(seed * 1_000_003 + batch_index)
+    """The generator of one evaluation batch, seeded with :func:`batch_seed`."""
+    return torch.Generator(torch.device(device)).manual_seed(batch_seed(seed, batch_index))
 
 
 def check_curve_arguments(checkpoints: Sequence[int], eps: float, step: float, restarts: int, step_rule: str) -> list[int]:
@@ -213,6 +221,8 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
                                   step=cfg.eval_step, step_rule=cfg.eval_step_rule, restarts=cfg.eval_restarts,
                                   seed=cfg.seed))
+    if cfg.eval_autoattack_n:
+        tables.append(autoattack_for_run(model, cfg, show_progress))
     table = pd.concat(tables, ignore_index=True)
     return table.assign(weights=weights, precision=precision, device=device_name(device))
 
@@ -294,5 +304,171 @@ def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
             table = sanity_checks(model, images, labels, num_classes=data.DATASETS[cfg.dataset].num_classes,
                                   checkpoints=checkpoints, eps=cfg.eval_eps, step=cfg.eval_step, seed=cfg.seed,
                                   undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn)
+        tables.append(table.assign(branch=branch))
+    return pd.concat(tables, ignore_index=True)
+
+
+# ---------------------------------------------------------------- AutoAttack beside the paper's PGD
+
+def autoattack_curve(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    num_classes: int,
+    n: int,
+    eps: float = 16.0,
+    pgd_step: float = 1.0,
+    n_iter: int = autoattack.REFERENCE_ITERATIONS,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    autocast_ctx: contextlib.AbstractContextManager | None = None,
+    save_dir: str | Path | None = None,
+    show_progress: bool = False,
+    desc: str = "AutoAttack",
+    fold_bn: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-example correctness of the first ``n`` images of ``loader`` under AutoAttack (see
+    :mod:`advkit.autoattack`): arrays ``clean``, ``apgd-ce``, ``apgd-t``, ``autoattack`` (robust against both),
+    ``pgd_untargeted`` (untargeted PGD-``n_iter`` with step ``pgd_step``, worst iterate: the reference of
+    :func:`autoattack_vs_pgd_check`) and ``labels``, each (n,). Every batch is seeded with :func:`batch_seed`,
+    saved into ``save_dir`` as it completes and reused when the same evaluation runs again; under torchrun each
+    rank attacks every world_size-th batch, as in :func:`robustness_curve`."""
+    check_range("n", n, 1, integer=True)
+    autoattack.check_autoattack_arguments(eps, num_classes, n_iter)
+    attacks.check_pgd_arguments(eps, pgd_step, n_iter)
+    autocast_ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+    ctx = distributed.context()
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    seen = 0
+    for batch_index, (images, labels) in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
+        if seen >= n:
+            break
+        take = min(n - seen, len(labels))
+        seen += take
+        if batch_index % ctx.world_size != ctx.rank:
+            continue
+        saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
+        if saved is not None and saved.exists():
+            mine[batch_index] = torch.load(saved, weights_only=True)
+            continue
+        images, labels = data.to_device((images[:take], labels[:take]), device, channels_last)
+        with autocast_ctx:
+            result = autoattack.autoattack_batch(model, images, labels, eps=eps, num_classes=num_classes,
+                                                 seed=batch_seed(seed, batch_index), n_iter=n_iter, fold_bn=fold_bn)
+            _, worst = curve_batch(model, images, labels, checkpoints=[n_iter], eps=eps, step=pgd_step,
+                                   targeted=False, seed=seed, batch_index=batch_index, fold_bn=fold_bn)
+        result |= {"pgd_untargeted": worst[0], "labels": labels}
+        mine[batch_index] = {k: v.cpu() for k, v in result.items()}
+        if saved is not None:
+            tmp = saved.with_suffix(f".tmp{ctx.rank}")
+            torch.save(mine[batch_index], tmp)
+            tmp.replace(saved)
+    results = {i: r for part in distributed.gather(mine, ctx) for i, r in part.items()}
+    ordered = [results[i] for i in sorted(results)]
+    return {key: torch.cat([r[key] for r in ordered]).numpy() for key in ordered[0]}
+
+
+def autoattack_table(result: dict[str, np.ndarray], *, n_iter: int, **columns) -> pd.DataFrame:
+    """The tidy rows of one :func:`autoattack_curve` in ``results.csv``'s schema: 'apgd-ce', 'apgd-t' and their
+    worst case 'autoattack' (APGD counts an example broken once any iterate fooled the model, so
+    ``worst_accuracy`` equals ``accuracy``; the step is adaptive: ``step`` is NaN, ``step_rule`` 'apgd')."""
+    n = len(result["labels"])
+    rows = [dict(attack=name, targeted=name == "apgd-t", step=float("nan"), step_rule="apgd", restarts=1,
+                 steps=n_iter, accuracy=result[name].mean(), worst_accuracy=result[name].mean())
+            for name in (*autoattack.ATTACKS, autoattack.WORST_CASE)]
+    return pd.DataFrame([columns | row | {"n": n} for row in rows])
+
+
+def autoattack_spec(cfg, branch: str, n_iter: int, weights: str) -> dict:
+    """What decides a run's AutoAttack results (the evaluated weights' digest included): its saved batches are
+    reused only under the same spec."""
+    return dict(branch=branch, weights=weights, precision="bf16" if cfg.eval_bf16 else "fp32", attack=autoattack.WORST_CASE, attacks=list(autoattack.ATTACKS), eps=cfg.eval_eps,
+                n_iter=n_iter, max_target_classes=autoattack.MAX_TARGET_CLASSES, pgd_step=cfg.eval_step,
+                seed=cfg.seed, n=cfg.eval_autoattack_n, n_test=cfg.n_test, batch_size=cfg.eval_batch_size,
+                dataset=cfg.dataset, torchattacks=autoattack.require_torchattacks().__version__)
+
+
+def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool) -> dict[str, Path]:
+    branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
+    weights = models.weights_digest(model)
+    return {branch: _spec_dir(cfg.run_dir / "eval" / "autoattack", autoattack_spec(cfg, branch, n_iter, weights),
+                              write=write) for branch in branches}
+
+
+def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_iter: int | None = None) -> pd.DataFrame:
+    """AutoAttack on the first ``cfg.eval_autoattack_n`` images of the run's evaluation set, through every MBN
+    branch, at ``cfg.eval_eps``: rows for ``results.csv`` (see :func:`autoattack_table`). Per-example results go
+    to ``<run>/eval/autoattack/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
+    ``n_iter``: None is AutoAttack's reference (:data:`advkit.autoattack.REFERENCE_ITERATIONS`)."""
+    n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
+    ctx = distributed.context()
+    device = resolve_rank_device(cfg, ctx)
+    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
+                              root=cfg.data_root, num_workers=cfg.num_workers)
+    tables = []
+    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main).items():
+        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+            result = autoattack_curve(
+                model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, n=cfg.eval_autoattack_n,
+                eps=cfg.eval_eps, pgd_step=cfg.eval_step, n_iter=n_iter, seed=cfg.seed, device=device,
+                channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
+                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} AutoAttack",
+                fold_bn=cfg.attack_fold_bn)
+        if ctx.main:
+            np.savez_compressed(folder / "examples.npz", **result)
+        tables.append(autoattack_table(result, n_iter=n_iter, branch=branch, eps=cfg.eval_eps, seed=cfg.seed))
+    return pd.concat(tables, ignore_index=True)
+
+
+def autoattack_vs_pgd_check(autoattack_correct: np.ndarray, pgd_correct: np.ndarray, *,
+                            pgd_name: str = "untargeted PGD", alpha: float = 1e-3,
+                            masking_margin: float = 0.05) -> pd.DataFrame:
+    """Two rows in ``sanity.csv``'s format comparing per-example correctness on the same images.
+
+    - AutoAttack must not be weaker than untargeted PGD beyond sampling noise. The comparison is paired: of the
+      images on which the two disagree, ``b`` survive only AutoAttack and ``c`` only PGD. Were AutoAttack as
+      strong as PGD, ``b`` would be at most Binomial(b + c, 1/2); the check fails when the exact one-sided
+      McNemar p-value P(X >= b) is below ``alpha`` (0.001: one false alarm in a thousand evaluations). A paired
+      test rather than a bound on two accuracies: the images on which both agree carry no noise. A failure
+      means a broken or misconfigured AutoAttack (eps scale, model mode, MBN branch).
+    - PGD accuracy must not exceed AutoAttack's by more than ``masking_margin`` (5 points). A larger gap flags
+      a PGD that its cross-entropy gradients mislead (gradient masking; APGD-T's DLR loss is scale-invariant)
+      or that is too weak: the paper's protocol would overstate robustness. Reported; the numbers stand.
+    """
+    from scipy.stats import binomtest  # torchattacks needs scipy too
+
+    aa, pgd = np.asarray(autoattack_correct, dtype=bool), np.asarray(pgd_correct, dtype=bool)
+    if aa.shape != pgd.shape or aa.ndim != 1 or not len(aa):
+        raise ValueError(f"autoattack_correct and pgd_correct must be per-example arrays of one length "
+                         f"(got shapes {aa.shape} and {pgd.shape})")
+    b, c = int((aa & ~pgd).sum()), int((~aa & pgd).sum())
+    p_value = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    aa_acc, pgd_acc = aa.mean(), pgd.mean()
+    on = f"on {len(aa)} images"
+    return pd.DataFrame([
+        dict(check=f"AutoAttack not weaker than {pgd_name}", passed=bool(p_value >= alpha),
+             value=f"{aa_acc:.4f} vs {pgd_acc:.4f} {on}; {b} survive only AutoAttack, {c} only PGD "
+                   f"(one-sided McNemar p={p_value:.2g})",
+             expected=f"AutoAttack <= PGD within noise (p >= {alpha:g})"),
+        dict(check=f"{pgd_name} not far above AutoAttack (gradient masking)",
+             passed=bool(pgd_acc - aa_acc <= masking_margin + 1e-12),
+             value=f"{pgd_name} - AutoAttack = {(pgd_acc - aa_acc) * 100:.1f} points {on}",
+             expected=f"<= {masking_margin * 100:g} points"),
+    ])
+
+
+def autoattack_sanity_for_run(model: nn.Module, cfg, n_iter: int | None = None) -> pd.DataFrame:
+    """:func:`autoattack_vs_pgd_check` for every MBN branch, from the ``examples.npz`` that
+    :func:`autoattack_for_run` saved (call it after that, on the main process)."""
+    n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
+    tables = []
+    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=False).items():
+        with np.load(folder / "examples.npz") as result:
+            table = autoattack_vs_pgd_check(result[autoattack.WORST_CASE], result["pgd_untargeted"],
+                                            pgd_name=f"untargeted PGD-{n_iter}")
         tables.append(table.assign(branch=branch))
     return pd.concat(tables, ignore_index=True)

@@ -15,6 +15,8 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
+from .results import attack_column
+
 ALL = "(all)"
 FILTERS = {  # widget label -> column of the analysis table
     "source": "source", "data set": "dataset", "strategy": "strategy", "norm": "norm", "clean ratio": "clean_ratio",
@@ -61,7 +63,8 @@ def update(explorer: Explorer, *_) -> None:
     try:
         rows = selected(explorer)
         explorer.selection = rows
-        attacked = rows[rows["steps"] > 0]
+        attack = attack_column(rows)  # PGD curves, and AutoAttack (its worst case) as one marker per model
+        attacked = rows[(rows["steps"] > 0) & attack.isin(["pgd", "autoattack"])]
         explorer.status.value = (f"{rows['run'].nunique()} models selected "
                                  f"({(rows.drop_duplicates('run')['source'] == 'kit').sum()} kit runs)")
         explorer.drawn = {"curves": None, "statistics": None}
@@ -73,9 +76,9 @@ def update(explorer: Explorer, *_) -> None:
                 ax.text(0.5, 0.5, "no attacked models match the filters", ha="center", va="center")
                 ax.set_axis_off()
             else:
-                sns.lineplot(data=attacked.assign(model=_label(attacked)), x="steps", y="accuracy", hue="model",
-                             marker="o", errorbar=("ci", 95), ax=ax)
-                ax.set(xscale="log", xlabel="PGD iterations", ylabel="accuracy (%)")
+                sns.lineplot(data=attacked.assign(model=_label(attacked), attack=attack[attacked.index]), x="steps",
+                             y="accuracy", hue="model", style="attack", markers=True, errorbar=("ci", 95), ax=ax)
+                ax.set(xscale="log", xlabel="attack iterations", ylabel="accuracy (%)")
                 ax.legend(fontsize=6, loc="upper right")
             plt.show()
         explorer.statistics.clear_output(wait=True)

@@ -17,6 +17,7 @@ import pandas as pd
 import seaborn as sns
 
 from .paths import project_root
+from .results import paper_protocol
 
 FIGURES_DIR = project_root() / "figures"
 SOURCES = ("paper", "kit")
@@ -74,7 +75,9 @@ def _panel(ax: plt.Axes, source: str, rows: pd.DataFrame, draw: Callable, name: 
 
 def side_by_side(frame: pd.DataFrame, select: Callable[[pd.DataFrame], pd.DataFrame], draw: Callable,
                  name: str, title: str, folder: str | Path | None = None) -> plt.Figure:
-    """Draw ``draw(ax, rows)`` for the paper's and the kit's rows chosen by ``select``; save as ``name``."""
+    """Draw ``draw(ax, rows)`` for the paper's and the kit's rows chosen by ``select`` (among the rows of the
+    paper's protocol: AutoAttack's rows are left out); save as ``name``."""
+    frame = paper_protocol(frame)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, source in zip(axes, SOURCES):
         rows = frame[frame["source"] == source]
@@ -308,7 +311,9 @@ def write_table(table: pd.DataFrame, name: str, folder: str | Path | None = None
 
 
 def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Tables 1, 2, 4, 5, 6 and 7 for each source, written as CSV and Markdown (``tableN_<source>``)."""
+    """Tables 1, 2, 4, 5, 6 and 7 for each source, written as CSV and Markdown (``tableN_<source>``), from the
+    rows of the paper's protocol."""
+    frame = paper_protocol(frame)
     tables = {}
     for source in SOURCES:
         rows = frame[frame["source"] == source]
@@ -335,14 +340,19 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
 
 def run_curves(table: pd.DataFrame, title: str) -> plt.Figure:
     """One run's robustness curve from its ``results.csv`` rows: PGD accuracy against iterations (log axis),
-    final and worst iterate, one line pair per MBN branch; the legend outside the axes."""
+    final and worst iterate, one line pair per MBN branch, AutoAttack as a marker where it ran; the legend
+    outside the axes."""
     attacked = table[table["attack"] == "pgd"]
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for branch, rows in attacked.groupby("branch"):
         label = "model" if branch == "-" else f"MBN_{branch}"
         ax.plot(rows["steps"], rows["accuracy"] * 100, marker="o", label=f"{label} (final iterate)")
         ax.plot(rows["steps"], rows["worst_accuracy"] * 100, ls="--", label=f"{label} (worst iterate)")
-    ax.set(xscale="log", xlabel="PGD iterations", ylabel="accuracy (%)", title=title)
+        aa = table[(table["attack"] == "autoattack") & (table["branch"] == branch)]  # eval_autoattack_n > 0
+        if not aa.empty:
+            ax.scatter(aa["steps"], aa["accuracy"] * 100, marker="x",
+                       label=f"{label} (AutoAttack, {aa['n'].iloc[0]} images)")
+    ax.set(xscale="log", xlabel="attack iterations", ylabel="accuracy (%)", title=title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     return fig

@@ -3,8 +3,10 @@
 The analysis schema has one row per (model, MBN branch, attack): ``source`` ('paper' or 'kit'), ``run``,
 ``dataset``, ``arch``, ``batch_size``, ``train_steps``, ``eps`` (of the evaluation, 0-255), ``adv_ratio``,
 ``clean_ratio``, ``norm`` ('bn', 'mbn', 'gn'), ``branch`` ('-', 'clean', 'adv'), ``alp``, ``running_stats``,
-``finetune_bn``, ``seed``, ``strategy`` (the paper's name), ``steps`` (0: clean images), ``accuracy`` and
-``worst_accuracy`` in percent, ``n``. One plotting function then serves both sources.
+``finetune_bn``, ``seed``, ``strategy`` (the paper's name), ``attack`` ('clean', 'pgd': the paper's protocol;
+kit runs evaluated with ``eval_autoattack_n`` also 'apgd-ce', 'apgd-t' and their worst case 'autoattack', on
+their first ``n`` test images), ``steps`` (0: clean images), ``accuracy`` and ``worst_accuracy`` in percent,
+``n``. One plotting function then serves both sources; the paper's figures use :func:`paper_protocol`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,26 @@ from .paths import project_root, resolve_output
 
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
-          "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "steps", "accuracy",
+          "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "attack", "steps", "accuracy",
           "worst_accuracy", "n"]
+PAPER_PROTOCOL = ("clean", "pgd")  # the paper's attacks; AutoAttack's rows are 'apgd-ce', 'apgd-t', 'autoattack'
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
                   "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed"]
 RESULT_COLUMNS = ["branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
                   "worst_accuracy", "n", "seed"]  # results.csv as evaluate.curve_table writes it
 BNSTATS_COLUMNS = ["figure", "layer", "branch", "channel", "source", "statistic", "value"]
+
+
+def attack_column(frame: pd.DataFrame) -> pd.Series:
+    """Each row's attack: the ``attack`` column, or where a row has none (tables written before AutoAttack)
+    'clean' for steps 0 and 'pgd' otherwise."""
+    derived = pd.Series(np.where(frame["steps"] == 0, "clean", "pgd"), index=frame.index)
+    return frame["attack"].fillna(derived) if "attack" in frame else derived
+
+
+def paper_protocol(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the paper's protocol (clean and PGD), without AutoAttack's."""
+    return frame[attack_column(frame).isin(PAPER_PROTOCOL)]
 
 
 def strategy_label(adv_ratio: float, clean_ratio: float, alp: bool = False) -> str:
@@ -190,7 +205,7 @@ def _in_schema(runs: pd.DataFrame) -> pd.DataFrame:
         "clean_ratio": runs["clean_ratio"], "norm": runs["norm"], "branch": runs["branch"],
         "alp": runs["alp_weight"] > 0, "running_stats": runs["running_stats_epochs"] > 0,
         "finetune_bn": runs["finetune_bn"].astype(bool), "seed": runs["seed"], "strategy": runs["strategy"],
-        "steps": runs["steps"], "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100,
+        "attack": attack_column(runs), "steps": runs["steps"], "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100,
         "n": runs["n"]})
     return frame[SCHEMA]
 
@@ -210,7 +225,8 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                      strategy=strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
         for column, steps in [("clean", 0), ("pgd10", 10), ("pgd20", 20), ("pgd100", 100), ("pgd500", 500),
                               ("pgd2000", 2000)]:
-            rows.append(model | dict(steps=steps, accuracy=r[column], worst_accuracy=np.nan))
+            rows.append(model | dict(attack="pgd" if steps else "clean", steps=steps, accuracy=r[column],
+                                     worst_accuracy=np.nan))
     extra = pd.read_csv(folder / "clean_training.csv")
     for i, r in extra.iterrows():
         alp = r["norm"].endswith("_alp")
@@ -219,7 +235,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                          batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, eps=16.0, adv_ratio=r["adv_ratio"],
                          clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
                          finetune_bn=False, seed=np.nan, strategy=strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
-                         steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
+                         attack="clean", steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
     return pd.DataFrame(rows)[SCHEMA]
 
 
@@ -243,8 +259,10 @@ def analysis_frame(runs_root: str | Path | None = None) -> pd.DataFrame:
 
 
 def summary_table(root: str | Path) -> pd.DataFrame:
-    """One row per run and MBN branch: strategy, norm, clean accuracy and PGD-N accuracies (percent). A run is
-    named by its folder under ``root`` (runs of the same name in two sweeps are two rows)."""
+    """One row per run and MBN branch: strategy, norm, clean accuracy, PGD-N accuracies and, for runs evaluated
+    with AutoAttack, its accuracies (``apgd-ce``, ``apgd-t``, ``autoattack``; on the first ``eval_autoattack_n``
+    test images) beside them (percent). A run is named by its folder under ``root`` (runs of the same name in
+    two sweeps are two rows)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"runs root {root} {'is not a folder' if root.exists() else 'does not exist'}")
@@ -254,11 +272,13 @@ def summary_table(root: str | Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["run", "strategy", "norm", "branch", "clean"])
     folders = [Path(d).relative_to(root) for d in loaded["run_dir"]]
     runs["run"] = [str(f) if f.parts else Path(d).name for f, d in zip(folders, loaded["run_dir"])]
-    runs = runs.assign(metric=np.where(runs["steps"] == 0, "clean", "pgd" + runs["steps"].astype(str)))
+    attack = attack_column(runs)
+    runs = runs.assign(metric=np.where(attack == "pgd", "pgd" + runs["steps"].astype(str), attack))
     table = runs.pivot_table(index=["run", "strategy", "norm", "branch"], columns="metric", values="accuracy",
                              aggfunc="first", sort=False)
-    ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[3:]))
-    return table[ordered].round(1).reset_index()
+    pgd = sorted((c for c in table.columns if c.startswith("pgd")), key=lambda c: int(c[3:]))
+    others = [c for c in table.columns if c != "clean" and c not in pgd]
+    return table[["clean", *pgd, *sorted(others)]].round(1).reset_index()
 
 
 def notebook_inputs(runs_root: str | Path, figures_dir: str | Path) -> tuple[pd.DataFrame, Path]:

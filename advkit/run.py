@@ -19,7 +19,7 @@ from . import data, distributed, norm
 from .bnstats import bnstats_for_run
 from .config import Config, ResumeConflict, config_from_file, resume_conflicts, validate
 from .device import environment, resolve_rank_device
-from .evaluate import evaluate_model, sanity_for_run
+from .evaluate import autoattack_sanity_for_run, evaluate_model, sanity_for_run
 from .rundir import RunDir, load_checkpoint
 from .train import TrainingInterrupted, build_model, check_loadable, train
 
@@ -99,8 +99,8 @@ def train_run(cfg: Config, show_progress: bool = True) -> nn.Module:
 
 def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
     """Train, then evaluate into the run folder, holding its lock throughout: ``results.csv`` (robustness curves,
-    each MBN branch; sharded across ranks under torchrun), ``sanity.csv`` and ``bnstats.csv`` (Figures 5-6), the
-    last two on rank 0. All describe the model of the last checkpoint (under torchrun every rank evaluates that
+    each MBN branch, sharded across ranks under torchrun; AutoAttack's rows too), ``sanity.csv`` (sanity checks,
+    AutoAttack against PGD) and ``bnstats.csv`` (Figures 5-6), the last two on rank 0. All describe the model of the last checkpoint (under torchrun every rank evaluates that
     state, not its own per-replica BN statistics). ``results.csv`` is written last: with status 'done' it marks
     a finished run."""
     ctx = _check_inputs(cfg)
@@ -111,8 +111,10 @@ def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
             model = train(cfg, show_progress, checkpoint)
             results = evaluate_model(model, cfg, show_progress=show_progress and ctx.main)
             if ctx.main:
-                if cfg.sanity_n:
-                    run_dir.write_table(run_dir.sanity_file, sanity_for_run(model, cfg))
+                sanity = [sanity_for_run(model, cfg)] if cfg.sanity_n else []
+                sanity += [autoattack_sanity_for_run(model, cfg)] if cfg.eval_autoattack_n else []
+                if sanity:
+                    run_dir.write_table(run_dir.sanity_file, pd.concat(sanity, ignore_index=True))
                 if cfg.bnstats_channels and norm.batch_norms(model):
                     run_dir.write_table(run_dir.bnstats_file, bnstats_for_run(model, cfg))
                 run_dir.write_table(run_dir.results_file, results)

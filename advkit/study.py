@@ -21,7 +21,7 @@ from scipy import stats
 
 from .paths import project_root
 from .plots import save
-from .results import DamagedRunError, load_bnstats, load_runs, read_metrics
+from .results import DamagedRunError, load_bnstats, load_runs, paper_protocol, read_metrics
 
 TABLES_DIR = project_root() / "data" / "results" / "study"
 RUN_COLUMNS = ["sweep", "run", "setting", "seed", "arch", "norm", "strategy", "adv_ratio", "clean_ratio",
@@ -58,6 +58,7 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_runs(runs_root)
     if not loaded.empty:
+        loaded = paper_protocol(loaded)  # AutoAttack's rows stay in each run's results.csv
         runs = loaded.assign(sweep=[Path(d).parent.name for d in loaded["run_dir"]], run=loaded["name"],
                              setting=loaded["name"].map(setting_of), accuracy=loaded["accuracy"] * 100,
                              worst_accuracy=loaded["worst_accuracy"] * 100)[RUN_COLUMNS]
