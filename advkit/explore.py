@@ -130,9 +130,15 @@ def selected(explorer: Explorer) -> pd.DataFrame:
 
 
 def _label(rows: pd.DataFrame) -> pd.Series:
+    """A model's legend label: source, strategy, norm, branch, running statistics, network, and the training
+    PGD-N and batch size where the rows hold several (the paper's Table 7 varies them)."""
     branch = rows["branch"].map(lambda b: "" if b == "-" else f" MBN_{b}")
     running = rows["running_stats"].map(lambda r: ", running stats" if r else "")
-    return rows["source"] + ": " + rows["strategy"] + ", " + rows["norm"] + branch + running + ", " + rows["arch"]
+    label = rows["source"] + ": " + rows["strategy"] + ", " + rows["norm"] + branch + running + ", " + rows["arch"]
+    for column, name in (("train_steps", ", train PGD-"), ("batch_size", ", batch ")):
+        if rows[column].nunique() > 1:
+            label = label + name + rows[column].astype(str)
+    return label
 
 
 def _run_label(explorer: Explorer, run_dir: str) -> str:
@@ -369,7 +375,7 @@ def _layout(explorer: Explorer) -> widgets.Widget:
     c, images, notes = explorer.controls, explorer.images, explorer.notes
     views = {
         "robustness curves": [c["threat model"], notes["curves"], images["curves"]],
-        "BN statistics (Figures 5-6)": [widgets.HBox([c["BN run"], c["BN layer"]]), notes["statistics"],
+        "BN statistics": [widgets.HBox([c["BN run"], c["BN layer"]]), notes["statistics"],
                                         images["statistics"]],
         "adversarial examples": [widgets.HBox([c["run"], c["branch"], c["images"], c["attack"]]), c["iteration"],
                                  notes["examples"], images["examples"]],
@@ -401,8 +407,11 @@ def make_explorer(frame: pd.DataFrame, bnstats: pd.DataFrame | None = None, show
         runs_root=Path(runs_root) if runs_root is not None else None, filters=filters,
         controls=_controls(frame, claims), images={p: widgets.Image(format="png") for p in PANELS},
         notes={p: widgets.HTML() for p in PANELS}, status=widgets.HTML(), claims_text=widgets.HTML())
-    for panel, image in explorer.images.items():
+    for panel, image in explorer.images.items():  # CSS classes: the browser test finds the widgets by them
         image.add_class(f"advkit-{panel}")
+    for prefix, named in (("advkit-", explorer.controls), ("advkit-filter-", explorer.filters)):
+        for name, widget in named.items():
+            widget.add_class(prefix + name.replace(" ", "-"))
     _wire(explorer)
     explorer.widget = _layout(explorer)
     update(explorer)

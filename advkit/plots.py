@@ -346,11 +346,16 @@ def _legend_outside(ax: plt.Axes, **kwargs) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False, borderaxespad=0, **kwargs)
 
 
-def _curve_lines(ax: plt.Axes, rows: pd.DataFrame, colors: dict, suffix: str = "", **style) -> None:
-    """One line per ``model`` (seeds pooled into a 95% interval), in ``colors[model]``."""
+def _curve_lines(ax: plt.Axes, rows: pd.DataFrame, colors: dict, suffix: str = "", errorbar=("ci", 95),
+                 **style) -> None:
+    """One line per ``model`` in ``colors[model]``; where a model has several seeds, seaborn's 95% interval."""
     for model, part in rows.groupby("model", sort=False):
-        sns.lineplot(data=part, x="steps", y="accuracy", color=colors[model], label=f"{model}{suffix}",
-                     errorbar=("ci", 95), ax=ax, **style)
+        if errorbar is not None and part.duplicated("steps").any():
+            sns.lineplot(data=part, x="steps", y="accuracy", color=colors[model], label=f"{model}{suffix}", ax=ax,
+                         errorbar=errorbar, **style)
+        else:  # one value per point: a plain line (seaborn's per-call cost adds up over the paper's 40 models)
+            part = part.sort_values("steps")
+            ax.plot(part["steps"], part["accuracy"], color=colors[model], label=f"{model}{suffix}", **style)
 
 
 def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> plt.Figure:
@@ -360,7 +365,7 @@ def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> 
     ``rows``: analysis rows with ``model`` (the legend label), ``source``, ``attack``, ``threat_model``, ``steps``
     and ``accuracy``; seeds of one model pool into a 95% interval. Under 'AutoAttack' each kit model shows
     APGD-CE, APGD-T and their worst case as markers beside its targeted PGD curve (thin)."""
-    fig, ax = plt.subplots(figsize=(9.5, 3.8))
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))  # no layout engine: a long legend would squash the axes
     rows = rows[rows["steps"] > 0]
     kit = rows[rows["source"] == "kit"]
     paper = rows[(rows["source"] == "paper") & (rows["threat_model"] == "targeted PGD")]
@@ -378,7 +383,7 @@ def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> 
     else:
         shown = kit[kit["threat_model"] == threat_model]
         _curve_lines(ax, shown, colors, marker="o")
-        _curve_lines(ax, paper, colors, marker="o", linestyle="--", linewidth=1)
+        _curve_lines(ax, paper, colors, marker="o", linestyle="--", linewidth=1, errorbar=None)
     if shown.empty and paper.empty:
         ax.text(0.5, 0.5, f"no model of the selection was evaluated under {threat_model}", ha="center", va="center",
                 transform=ax.transAxes)
@@ -390,7 +395,6 @@ def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> 
     note = "" if threat_model == "targeted PGD" else " (the paper reports targeted PGD only)"
     ax.set_title(f"Robustness under {threat_model}{note}; kit in colour, paper in grey", fontsize=9)
     _legend_outside(ax)
-    fig.tight_layout()
     return fig
 
 
@@ -410,7 +414,8 @@ def bn_statistics_panel(stats: pd.DataFrame, title: str = "") -> plt.Figure:
         raise ValueError("stats holds no rows of Figure 5 or 6; give the bnstats.csv rows of one run and layer")
     if stats["layer"].nunique() > 1:
         raise ValueError(f"stats holds several layers {sorted(stats['layer'].unique())}; give one layer")
-    fig, axes = plt.subplots(len(figures), 2, figsize=(10.5, 2.9 * len(figures)), squeeze=False)
+    fig, axes = plt.subplots(len(figures), 2, figsize=(10.5, 2.9 * len(figures)), squeeze=False,
+                             layout="constrained")
     for row, figure in zip(axes, figures):
         part = stats[(stats["figure"] == figure) & stats["statistic"].isin(["mean", "var"])]
         column, names = BN_SERIES[figure]
@@ -434,7 +439,6 @@ def bn_statistics_panel(stats: pd.DataFrame, title: str = "") -> plt.Figure:
         _legend_outside(row[1])
     fig.suptitle(f"{title}, layer {stats['layer'].iloc[0]}" if title else f"layer {stats['layer'].iloc[0]}",
                  fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -442,7 +446,7 @@ def claims_panel(table: pd.DataFrame) -> plt.Figure:
     """The study's claims: the kit's effect with its 95% interval over seeds (coloured by verdict), the paper's
     effect (grey diamond) where it gives a number, and the verdict; one row per claim, as :func:`advkit.study.claims`
     writes them (columns claim, measured, mean, low, high, verdict; ``paper_effect`` where known)."""
-    fig, ax = plt.subplots(figsize=(10, 0.42 * max(len(table), 1) + 1.3))
+    fig, ax = plt.subplots(figsize=(10, 0.42 * max(len(table), 1) + 1.5), layout="constrained")
     for i, r in enumerate(table.itertuples()):
         color = VERDICT_COLORS.get(r.verdict, "tab:gray")
         if not np.isnan(r.mean):
@@ -452,15 +456,16 @@ def claims_panel(table: pd.DataFrame) -> plt.Figure:
             ax.plot(r.paper_effect, i, "D", color="0.55", markersize=5)
         ax.text(1.01, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7, color=color)
     ax.axvline(0, color="black", linewidth=0.8)
-    labels = [f"{r.claim}: {r.measured[:60]}{'...' if len(r.measured) > 60 else ''}" for r in table.itertuples()]
+    threat = (lambda r: f" [{r.threat_model}]") if "threat_model" in table else (lambda r: "")
+    labels = [f"{r.claim}{threat(r)}: {r.measured[:55]}{'...' if len(r.measured) > 55 else ''}"
+              for r in table.itertuples()]
     ax.set_yticks(range(len(table)), labels, fontsize=7)
     ax.set_ylim(len(table) - 0.5, -0.5)
     ax.set_xlabel("effect (percentage points; C9a: log2 ratio x 100)", fontsize=8)
     legend = [plt.Line2D([], [], marker="o", color="black", label="kit: mean and 95% interval over seeds"),
               plt.Line2D([], [], marker="D", color="0.55", linestyle="none", label="paper")]
-    ax.legend(handles=legend, loc="lower right", bbox_to_anchor=(1, 1), ncol=2, fontsize=7, frameon=False)
+    fig.legend(handles=legend, loc="outside lower right", ncol=2, fontsize=7, frameon=False)
     ax.set_title("The paper's claims: the kit's effect beside the paper's", fontsize=9, loc="left")
-    fig.tight_layout()
     return fig
 
 
@@ -483,7 +488,7 @@ def adversarial_examples_panel(examples, iteration: int | None = None) -> plt.Fi
     goal = examples.goal_probability()
     gray = "gray" if examples.clean.shape[1] == 1 else None
     fig, axes = plt.subplots(4, k, figsize=(1.75 * k + 1.2, 7.4), squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1, 1, 0.8]})
+                             gridspec_kw={"height_ratios": [1, 1, 1, 0.8]}, layout="constrained")
     for j in range(k):
         label = names[examples.labels[j]]
         target = names[examples.targets[j]] if examples.targeted else "(untargeted)"
@@ -497,6 +502,9 @@ def adversarial_examples_panel(examples, iteration: int | None = None) -> plt.Fi
         axes[2, j].set_title(f"predicted: {names[predicted[j]]}\np = {examples.probabilities[iteration, j].max():.2f}",
                              fontsize=7, color=color)
         ax = axes[3, j]
+        if examples.targeted:  # the true class's probability beside the target's
+            ax.plot(range(examples.steps + 1), examples.probabilities[:, j, examples.labels[j]], color="tab:green",
+                    linewidth=0.8, linestyle="--")
         ax.plot(range(examples.steps + 1), goal[:, j], color="tab:red" if examples.targeted else "tab:green")
         ax.axvline(iteration, color="black", linewidth=0.8)
         ax.set(ylim=(-0.03, 1.03), xlim=(0, max(examples.steps, 1)))
@@ -504,12 +512,12 @@ def adversarial_examples_panel(examples, iteration: int | None = None) -> plt.Fi
         if j:
             ax.set_yticklabels([])
     for ax, text in zip(axes[:, 0], ("clean", f"perturbation\n(+-{examples.eps:g}/255\n= full colour)",
-                                     "adversarial", "target prob." if examples.targeted else "true-class prob.")):
+                                     "adversarial", "p(target), red\np(true), green" if examples.targeted
+                                     else "p(true class)")):
         ax.set_ylabel(text, fontsize=7)
     axes[3, 0].set_xlabel("PGD iteration", fontsize=7)
     branch = "" if examples.branch == "-" else f", MBN_{examples.branch}"
     kind = "targeted" if examples.targeted else "untargeted"
     fig.suptitle(f"{examples.run}{branch}: {kind} PGD, eps {examples.eps:g}, step {examples.step:g}, iteration "
                  f"{iteration} of {examples.steps}", fontsize=9)
-    fig.tight_layout()
     return fig
