@@ -261,6 +261,7 @@ def compute_examples(explorer: Explorer, *, force: bool = False) -> None:
         return
     key = (run, branch, count)
     if key not in explorer.examples:
+        explorer.notes["examples"].value = f"attacking {count} images of {_run_label(explorer, run)} ..."
         explorer.examples[key] = explorer.attack(run, None if branch == "-" else branch, count)
     slider = explorer.controls["iteration"]
     explorer.quiet = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,6 +19,9 @@ import pandas as pd
 import seaborn as sns
 
 from .config import project_root
+
+if TYPE_CHECKING:  # the experiment tier's dataclass, for the type hint only: plots imports no torch
+    from .examples import AdversarialExamples
 
 FIGURES_DIR = project_root() / "figures"
 SOURCES = ("paper", "kit")
@@ -476,11 +480,11 @@ def _image(ax: plt.Axes, image: np.ndarray, **kwargs) -> None:
     ax.set_yticks([])
 
 
-def adversarial_examples_panel(examples, iteration: int | None = None) -> plt.Figure:
+def adversarial_examples_panel(examples: AdversarialExamples, iteration: int | None = None) -> plt.Figure:
     """The adversarial-example viewer: per image a column with the clean image (true class), the perturbation at
     PGD ``iteration`` (scaled so that +-eps spans the colour map), the adversarial image (predicted class: green
     still right, red the target, orange another class) and the target's probability along the attack with a
-    mark at ``iteration`` (default: the last). ``examples``: an :class:`advkit.examples.AdversarialExamples`."""
+    mark at ``iteration`` (default: the last), the true class's beside it."""
     iteration = examples.steps if iteration is None else iteration
     names, k = examples.class_names, len(examples.labels)
     adversarial = examples.image_at(iteration)
