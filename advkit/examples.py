@@ -71,7 +71,9 @@ class AdversarialExamples:
 def class_names(dataset: str, num_classes: int) -> list[str]:
     """Readable class names of ``dataset`` (torchvision's for Fashion-MNIST), else 'class i'."""
     names = CLASS_NAMES.get(dataset)
-    return list(names) if names is not None and len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
+    if names is not None and len(names) == num_classes:
+        return list(names)
+    return [f"class {i}" for i in range(num_classes)]
 
 
 class _Recorder:

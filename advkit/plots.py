@@ -382,8 +382,8 @@ def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> 
         shown = kit[kit["threat_model"] == "AutoAttack"]
         for (model, attack), part in shown.groupby(["model", "attack"], sort=False):
             marker = {"apgd-ce": "v", "apgd-t": "^"}.get(attack, "*")
-            ax.scatter(part["steps"], part["accuracy"], color=colors[model], marker=marker, s=60 if marker == "*" else 30,
-                       label=f"{model}: {attack}", zorder=3)
+            ax.scatter(part["steps"], part["accuracy"], color=colors[model], marker=marker,
+                       s=60 if marker == "*" else 30, label=f"{model}: {attack}", zorder=3)
     else:
         shown = kit[kit["threat_model"] == threat_model]
         _curve_lines(ax, shown, colors, marker="o")

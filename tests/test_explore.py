@@ -82,8 +82,8 @@ def _kit_rows(run: str, norm: str = "bn", branch: str = "-", **columns) -> list[
                 batch_size=64, train_steps=2, eps=16.0, adv_ratio=1.0, clean_ratio=0.0, norm=norm, branch=branch,
                 alp=False, running_stats=False, finetune_bn=False, seed=0, strategy="100% adv + 0% clean", n=64)
     rows = [base | dict(attack="clean", targeted=True, steps=0, accuracy=80.0)]
-    rows += [base | dict(attack="pgd", targeted=True, steps=s, accuracy=a) for s, a in [(1, 60.0), (2, 50.0), (4, 45.0)]]
-    rows += [base | dict(attack="pgd", targeted=False, steps=s, accuracy=a) for s, a in [(1, 30.0), (2, 20.0), (4, 11.0)]]
+    for targeted, curve in ((True, [(1, 60.0), (2, 50.0), (4, 45.0)]), (False, [(1, 30.0), (2, 20.0), (4, 11.0)])):
+        rows += [base | dict(attack="pgd", targeted=targeted, steps=s, accuracy=a) for s, a in curve]
     rows += [base | dict(attack=a, targeted=a == "apgd-t", steps=100, accuracy=v)
              for a, v in [("apgd-ce", 9.0), ("apgd-t", 8.0), ("autoattack", 7.0)]]
     return [r | columns for r in rows]
@@ -250,7 +250,8 @@ def test_viewer_follows_the_filters_and_caches():
     explorer.controls["attack"].click()
     image = explorer.images["examples"].value
     explorer.filters["norm"].value = "mbn"  # the BN run leaves the selection: the viewer shows the MBN run
-    assert explorer.controls["run"].value == "/runs/r-mbn" and list(explorer.controls["branch"].options) == ["adv", "clean"]
+    assert explorer.controls["run"].value == "/runs/r-mbn"
+    assert list(explorer.controls["branch"].options) == ["adv", "clean"]
     assert calls[-1] == ("/runs/r-mbn", "adv", 6) and explorer.images["examples"].value != image
     explorer.controls["branch"].value = "clean"
     assert calls[-1] == ("/runs/r-mbn", "clean", 6)
