@@ -11,13 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from .paths import project_root
 from .results import paper_protocol
+
+if TYPE_CHECKING:  # the experiment tier's dataclass, for the type hint only: plots imports no torch
+    from .examples import AdversarialExamples
 
 FIGURES_DIR = project_root() / "figures"
 SOURCES = ("paper", "kit")
@@ -369,4 +374,190 @@ def training_curves(metrics: pd.DataFrame) -> plt.Figure:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
     ax_acc.legend()
     fig.tight_layout()
+# ---------------------------------------------------------------- the explorer's panels (notebooks/explore.ipynb)
+
+GREYS = ("0.35", "0.55", "0.7", "0.45", "0.8", "0.6")
+VERDICT_COLORS = {"reproduced": "tab:green", "contradicted": "tab:red"}
+
+
+def _legend_outside(ax: plt.Axes, **kwargs) -> None:
+    """The legend right of the axes, where it covers no curve."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False, borderaxespad=0, **kwargs)
+
+
+def _curve_lines(ax: plt.Axes, rows: pd.DataFrame, colors: dict, suffix: str = "", errorbar=("ci", 95),
+                 **style) -> None:
+    """One line per ``model`` in ``colors[model]``; where a model has several seeds, seaborn's 95% interval."""
+    for model, part in rows.groupby("model", sort=False):
+        if errorbar is not None and part.duplicated("steps").any():
+            sns.lineplot(data=part, x="steps", y="accuracy", color=colors[model], label=f"{model}{suffix}", ax=ax,
+                         errorbar=errorbar, **style)
+        else:  # one value per point: a plain line (seaborn's per-call cost adds up over the paper's 40 models)
+            part = part.sort_values("steps")
+            ax.plot(part["steps"], part["accuracy"], color=colors[model], label=f"{model}{suffix}", **style)
+
+
+def robustness_panel(rows: pd.DataFrame, threat_model: str = "targeted PGD") -> plt.Figure:
+    """Accuracy against attack iterations for the explorer (Figures 2-3 style) under one threat model: the kit's
+    models in colour, the paper's (targeted PGD only) greyed beside them, the legend outside the axes.
+
+    ``rows``: analysis rows with ``model`` (the legend label), ``source``, ``attack``, ``threat_model``, ``steps``
+    and ``accuracy``; seeds of one model pool into a 95% interval. Under 'AutoAttack' each kit model shows
+    APGD-CE, APGD-T and their worst case as markers beside its targeted PGD curve (thin)."""
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))  # no layout engine: a long legend would squash the axes
+    rows = rows[rows["steps"] > 0]
+    kit = rows[rows["source"] == "kit"]
+    paper = rows[(rows["source"] == "paper") & (rows["threat_model"] == "targeted PGD")]
+    paper = paper if threat_model == "targeted PGD" else paper.iloc[:0]
+    colors = dict(zip(kit["model"].unique(), sns.color_palette("tab10", kit["model"].nunique())))
+    colors |= {m: GREYS[i % len(GREYS)] for i, m in enumerate(paper["model"].unique())}
+    if threat_model == "AutoAttack":
+        _curve_lines(ax, kit[kit["threat_model"] == "targeted PGD"], colors, suffix=": targeted PGD", linewidth=0.8,
+                     alpha=0.6, marker=".")
+        shown = kit[kit["threat_model"] == "AutoAttack"]
+        for (model, attack), part in shown.groupby(["model", "attack"], sort=False):
+            marker = {"apgd-ce": "v", "apgd-t": "^"}.get(attack, "*")
+            ax.scatter(part["steps"], part["accuracy"], color=colors[model], marker=marker,
+                       s=60 if marker == "*" else 30, label=f"{model}: {attack}", zorder=3)
+    else:
+        shown = kit[kit["threat_model"] == threat_model]
+        _curve_lines(ax, shown, colors, marker="o")
+        _curve_lines(ax, paper, colors, marker="o", linestyle="--", linewidth=1, errorbar=None)
+    if shown.empty and paper.empty:
+        ax.text(0.5, 0.5, f"no model of the selection was evaluated under {threat_model}", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set(xscale="log", xlabel="attack iterations", ylabel="accuracy (%)")
+    steps = sorted(pd.concat([shown["steps"], paper["steps"]]).unique())
+    if 0 < len(steps) <= 12:  # the evaluated iteration counts as plain numbers
+        ax.set_xticks(steps, [f"{s:g}" for s in steps])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    note = "" if threat_model == "targeted PGD" else " (the paper reports targeted PGD only)"
+    ax.set_title(f"Robustness under {threat_model}{note}; kit in colour, paper in grey", fontsize=9)
+    _legend_outside(ax)
+    return fig
+
+
+BN_SERIES = {5: ("branch", {"clean": "MBN_clean", "adv": "MBN_adv"}),
+             6: ("source", {"batch1": "mini-batch 1", "batch2": "mini-batch 2", "running": "running"})}
+BN_TITLES = {5: "Figure 5: running statistics of MBN_clean and MBN_adv",
+             6: "Figure 6: batch against running statistics (adversarial mini-batches)"}
+
+
+def bn_statistics_panel(stats: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Figures 5 and 6 as the paper draws them, for ONE run and layer: per sampled channel, Figure 5's running
+    mean and variance of MBN_clean against MBN_adv (Mixture BN runs), Figure 6's batch mean and (unbiased)
+    variance of two adversarial mini-batches against the running statistics. One row per figure present in
+    ``stats`` (rows of a ``bnstats.csv``), the channel axis labelled with the channel numbers, legends outside."""
+    figures = [f for f in (5, 6) if (stats["figure"] == f).any()]
+    if not figures:
+        raise ValueError("stats holds no rows of Figure 5 or 6; give the bnstats.csv rows of one run and layer")
+    if stats["layer"].nunique() > 1:
+        raise ValueError(f"stats holds several layers {sorted(stats['layer'].unique())}; give one layer")
+    fig, axes = plt.subplots(len(figures), 2, figsize=(10.5, 2.9 * len(figures)), squeeze=False,
+                             layout="constrained")
+    for row, figure in zip(axes, figures):
+        part = stats[(stats["figure"] == figure) & stats["statistic"].isin(["mean", "var"])]
+        column, names = BN_SERIES[figure]
+        channels = sorted(part["channel"].unique())
+        position = {c: i for i, c in enumerate(channels)}
+        series = [s for s in names if s in set(part[column])]
+        for ax, statistic in zip(row, ("mean", "var")):
+            for k, name in enumerate(series):
+                points = part[(part["statistic"] == statistic) & (part[column] == name)].sort_values("channel")
+                offset = (k - (len(series) - 1) / 2) * 0.18
+                ax.plot(points["channel"].map(position) + offset, points["value"], marker="os^"[k % 3], markersize=4,
+                        linestyle="none", label=names[name])
+            ax.set_xticks(range(len(channels)), [str(c) for c in channels], fontsize=7,
+                          rotation=90 if len(channels) > 12 else 0)
+            ax.set_xlim(-0.6, len(channels) - 0.4)
+            ax.set_xlabel("sampled channel", fontsize=8)
+            kind = "running " if figure == 5 else ""
+            ax.set_ylabel(f"{kind}{'variance (unbiased)' if statistic == 'var' else 'mean'}", fontsize=8)
+            ax.grid(axis="x", linewidth=0.3, alpha=0.5)
+        row[0].set_title(BN_TITLES[figure], fontsize=9, loc="left")
+        _legend_outside(row[1])
+    fig.suptitle(f"{title}, layer {stats['layer'].iloc[0]}" if title else f"layer {stats['layer'].iloc[0]}",
+                 fontsize=9)
+    return fig
+
+
+def claims_panel(table: pd.DataFrame) -> plt.Figure:
+    """The study's claims: the kit's effect with its 95% interval over seeds (coloured by verdict), the paper's
+    effect (grey diamond) where it gives a number, and the verdict; one row per claim, as :func:`advkit.study.claims`
+    writes them (columns claim, measured, mean, low, high, verdict; ``paper_effect`` where known)."""
+    fig, ax = plt.subplots(figsize=(10, 0.42 * max(len(table), 1) + 1.5), layout="constrained")
+    for i, r in enumerate(table.itertuples()):
+        color = VERDICT_COLORS.get(r.verdict, "tab:gray")
+        if not np.isnan(r.mean):
+            xerr = None if np.isnan(r.low) else [[r.mean - r.low], [r.high - r.mean]]
+            ax.errorbar(r.mean, i, xerr=xerr, fmt="o", color=color, capsize=3)
+        if not np.isnan(getattr(r, "paper_effect", np.nan)):
+            ax.plot(r.paper_effect, i, "D", color="0.55", markersize=5)
+        ax.text(1.01, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7, color=color)
+    ax.axvline(0, color="black", linewidth=0.8)
+    threat = (lambda r: f" [{r.threat_model}]") if "threat_model" in table else (lambda r: "")
+    labels = [f"{r.claim}{threat(r)}: {r.measured[:55]}{'...' if len(r.measured) > 55 else ''}"
+              for r in table.itertuples()]
+    ax.set_yticks(range(len(table)), labels, fontsize=7)
+    ax.set_ylim(len(table) - 0.5, -0.5)
+    ax.set_xlabel("effect (percentage points; C9a: log2 ratio x 100)", fontsize=8)
+    legend = [plt.Line2D([], [], marker="o", color="black", label="kit: mean and 95% interval over seeds"),
+              plt.Line2D([], [], marker="D", color="0.55", linestyle="none", label="paper")]
+    fig.legend(handles=legend, loc="outside lower right", ncol=2, fontsize=7, frameon=False)
+    ax.set_title("The paper's claims: the kit's effect beside the paper's", fontsize=9, loc="left")
+    return fig
+
+
+def _image(ax: plt.Axes, image: np.ndarray, **kwargs) -> None:
+    """One (C, H, W) image: grey for one channel, RGB otherwise."""
+    ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def adversarial_examples_panel(examples: AdversarialExamples, iteration: int | None = None) -> plt.Figure:
+    """The adversarial-example viewer: per image a column with the clean image (true class), the perturbation at
+    PGD ``iteration`` (scaled so that +-eps spans the colour map), the adversarial image (predicted class: green
+    still right, red the target, orange another class) and the target's probability along the attack with a
+    mark at ``iteration`` (default: the last), the true class's beside it."""
+    iteration = examples.steps if iteration is None else iteration
+    names, k = examples.class_names, len(examples.labels)
+    adversarial = examples.image_at(iteration)
+    predicted = examples.predictions[iteration]
+    goal = examples.goal_probability()
+    gray = "gray" if examples.clean.shape[1] == 1 else None
+    fig, axes = plt.subplots(4, k, figsize=(1.75 * k + 1.2, 7.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1, 1, 0.8]}, layout="constrained")
+    for j in range(k):
+        label = names[examples.labels[j]]
+        target = names[examples.targets[j]] if examples.targeted else "(untargeted)"
+        _image(axes[0, j], examples.clean[j], cmap=gray, vmin=0, vmax=1)
+        axes[0, j].set_title(f"true: {label}\ntarget: {target}", fontsize=7)
+        scaled = (adversarial[j] - examples.clean[j]).mean(0) * 255 / examples.eps
+        _image(axes[1, j], scaled[None], cmap="RdBu_r", vmin=-1, vmax=1)
+        _image(axes[2, j], adversarial[j], cmap=gray, vmin=0, vmax=1)
+        right, hit = predicted[j] == examples.labels[j], examples.targeted and predicted[j] == examples.targets[j]
+        color = "tab:green" if right else "tab:red" if hit else "tab:orange"
+        axes[2, j].set_title(f"predicted: {names[predicted[j]]}\np = {examples.probabilities[iteration, j].max():.2f}",
+                             fontsize=7, color=color)
+        ax = axes[3, j]
+        if examples.targeted:  # the true class's probability beside the target's
+            ax.plot(range(examples.steps + 1), examples.probabilities[:, j, examples.labels[j]], color="tab:green",
+                    linewidth=0.8, linestyle="--")
+        ax.plot(range(examples.steps + 1), goal[:, j], color="tab:red" if examples.targeted else "tab:green")
+        ax.axvline(iteration, color="black", linewidth=0.8)
+        ax.set(ylim=(-0.03, 1.03), xlim=(0, max(examples.steps, 1)))
+        ax.tick_params(labelsize=6)
+        if j:
+            ax.set_yticklabels([])
+    for ax, text in zip(axes[:, 0], ("clean", f"perturbation\n(+-{examples.eps:g}/255\n= full colour)",
+                                     "adversarial", "p(target), red\np(true), green" if examples.targeted
+                                     else "p(true class)")):
+        ax.set_ylabel(text, fontsize=7)
+    axes[3, 0].set_xlabel("PGD iteration", fontsize=7)
+    branch = "" if examples.branch == "-" else f", MBN_{examples.branch}"
+    kind = "targeted" if examples.targeted else "untargeted"
+    fig.suptitle(f"{examples.run}{branch}: {kind} PGD, eps {examples.eps:g}, step {examples.step:g}, iteration "
+                 f"{iteration} of {examples.steps}", fontsize=9)
     return fig

@@ -68,3 +68,19 @@ def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         run.train_run(cfg, show_progress=False)
     monkeypatch.setattr(train, "training_loss", real)
+
+
+@pytest.fixture(scope="session")
+def explorer_runs():
+    """Two real tiny finished runs for the explorer's tests, made once per session: 'bn' (100% adv + 0% clean,
+    evaluated with untargeted PGD) and 'mbn' (100% adv + 100% clean, Mixture BN, targeted PGD)."""
+    from advkit import config, paths, run
+
+    root = paths.runs_base() / "explorer-runs"
+    tiny = dict(epochs=1, n_train=128, n_test=64, batch_size=32, eval_checkpoints=[1, 2, 4], sanity_n=0,
+                bnstats_channels=8)
+    for name, point in {"bn": dict(clean_ratio=0.0, eval_targeted=False),
+                        "mbn": dict(clean_ratio=1.0, norm="mbn")}.items():
+        if not (root / name / "results.csv").exists():
+            run.run(config.make_config("test", name=name, runs_root=str(root), **tiny | point), show_progress=False)
+    return root
