@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import autoattack, evaluate, explore, norm, plots, results, train
+from advkit import autoattack, evaluate, explore, norm, plots, results, run
 from advkit.config import Config, make_config
 from conftest import fmnist_model
 
@@ -151,7 +151,7 @@ def mbn_run(tmp_path_factory):
     cfg = make_config("test", name="aa-mbn", runs_root=str(tmp_path_factory.mktemp("runs")), norm="mbn",
                       clean_ratio=1.0, n_train=128, epochs=1, lr_decay_epochs=[], n_test=32, eval_batch_size=16,
                       eval_autoattack_n=32, sanity_n=0, bnstats_channels=0)
-    table = train.run(cfg, show_progress=False)
+    table = run.run(cfg, show_progress=False)
     yield cfg, table
     mp.undo()
 
@@ -183,7 +183,7 @@ def test_resumed_run_reuses_its_autoattack_batches(mbn_run, monkeypatch):
         raise AssertionError("AutoAttack recomputed a saved batch")
 
     monkeypatch.setattr(autoattack, "autoattack_batch", refuse)
-    again = train.run(make_config(**(cfg.to_dict() | {"resume": True})), show_progress=False)
+    again = run.run(make_config(**(cfg.to_dict() | {"resume": True})), show_progress=False)
     pd.testing.assert_frame_equal(again, table)
 
 
@@ -217,6 +217,6 @@ def test_bad_eval_autoattack_n_is_refused_naming_it(value):
 def test_bad_eval_autoattack_n_is_refused_before_the_run_folder_is_written(tmp_path):
     cfg = Config(name="aa-bad", runs_root=str(tmp_path), n_test=16, eval_autoattack_n=17)
     with pytest.raises(ValueError, match="eval_autoattack_n=17 .* n_test=16"):
-        train.run(cfg, show_progress=False)
+        run.run(cfg, show_progress=False)
     assert not cfg.run_dir.exists()
     assert make_config("test", n_test=None, eval_autoattack_n=5000).eval_autoattack_n == 5000  # no n_test: any
