@@ -27,7 +27,7 @@ ANALYSIS_POINTS = {
 
 
 def make_analysis_runs(root: Path) -> None:
-    from advkit import config, train
+    from advkit import config, run
 
     for name, point in ANALYSIS_POINTS.items():
         if not (root / name / "results.csv").exists():

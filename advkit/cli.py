@@ -1,4 +1,5 @@
-"""Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit sweep FILE``, ``advkit summary ROOT``,
+"""Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit run -p NAME VALUE ...`` (one experiment
+notebook through papermill, the run's record kept safe), ``advkit sweep FILE``, ``advkit summary ROOT``,
 ``advkit study`` (export the study's runs, print its claims), ``advkit figures`` (every analysis notebook through
 papermill)."""
 
@@ -23,6 +24,38 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_shards(args.file, args.jobs, args.kernel)
     outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
     return 1 if outcome["failed"] else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``advkit run -p name my-run -p preset demo ...``: one execution of the experiment notebook. Values are read
+    as YAML (``-p epochs 8``, ``-p lr_decay_epochs "[2]"``), like papermill's ``-p``; ``-f FILE`` adds a YAML file
+    of parameters. Every value is checked before papermill starts, and a refused run (an existing run without
+    resume/overwrite, a run in use) leaves the earlier executed notebook as it was."""
+    import yaml
+
+    from .config import config_from_parameters
+    from .paths import project_root
+    from .sweep import execute
+
+    parameters = {}
+    if args.file:
+        parameters |= yaml.safe_load(open(args.file)) or {}
+    for name, value in args.parameter:
+        parameters[name] = yaml.safe_load(value)
+    try:
+        cfg = config_from_parameters(parameters)
+    except ValueError as exc:
+        print(f"advkit run: {exc}", file=sys.stderr)
+        return 2
+    print(f"advkit run: {cfg.name}: {cfg.strategy}, norm={cfg.norm} -> {cfg.run_dir}", flush=True)
+    try:
+        execute(project_root() / "notebooks" / "experiment.ipynb", cfg, kernel=args.kernel)
+    except Exception as exc:  # the notebook's error, short; the executed notebook has the whole traceback
+        name = getattr(exc, "ename", type(exc).__name__)
+        print(f"advkit run: {name}: {getattr(exc, 'evalue', exc)}", file=sys.stderr)
+        return 1
+    print(f"advkit run: done; the executed notebook is {cfg.run_dir / 'experiment.ipynb'}")
+    return 0
 
 
 def _summary(root: str) -> int:
@@ -51,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p_data = sub.add_parser("data", help="prepare Fashion-MNIST into the data root (idempotent)")
     p_data.add_argument("--root", default=None, help="data root (default: $ADVKIT_DATA or <repo>/data)")
     p_data.add_argument("--no-download", action="store_true", help="never try torchvision's downloader")
+    p_run = sub.add_parser("run", help="run one experiment notebook through papermill (parameters as -p NAME VALUE)")
+    p_run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="a notebook parameter (the value is read as YAML); repeat for several")
+    p_run.add_argument("-f", "--file", default=None, help="a YAML file of parameters")
+    p_run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     p_sweep = sub.add_parser("sweep", help="run every point of a sweep file through papermill")
     p_sweep.add_argument("file")
     p_sweep.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
@@ -75,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(prepare_fashion_mnist(args.root, download=not args.no_download))
         return 0
+    if args.command == "run":
+        return _run(args)
     if args.command == "sweep":
         try:
             return _sweep(args, parser)

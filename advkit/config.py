@@ -18,6 +18,7 @@ import torch
 from . import attacks, autoattack, data, models, paper
 from . import norm as norm_module
 from .paths import resolve_output
+from .rundir import write_atomic
 from .validate import check_choice, check_range
 
 OPTIMIZERS = ("sgd", "rmsprop")
@@ -120,7 +121,7 @@ class Config:
 
     def save(self, path: Path) -> None:
         resolved = self.to_dict() | {"strategy": self.strategy, "run_dir": str(self.run_dir)}
-        path.write_text(json.dumps(resolved, indent=2))
+        write_atomic(path, json.dumps(resolved, indent=2))
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,8 +145,10 @@ def robustness_curve(
             continue
         saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
         if saved is not None and saved.exists():
-            mine[batch_index] = torch.load(saved, weights_only=True)
-            continue
+            loaded = load_saved_batch(saved)
+            if loaded is not None:
+                mine[batch_index] = loaded
+                continue
         images, labels = data.to_device(batch, device, channels_last)
         with autocast_ctx:
             with torch.no_grad(), attacks.attack_mode(model):
@@ -176,6 +179,17 @@ def curve_table(curve: dict[str, np.ndarray], **columns) -> pd.DataFrame:
         rows.append(dict(attack="pgd", steps=int(steps), accuracy=curve["final"][i].mean(),
                          worst_accuracy=curve["worst"][i].mean()))
     return pd.DataFrame([columns | row | {"n": n} for row in rows])
+
+
+def load_saved_batch(path: Path) -> dict[str, torch.Tensor] | None:
+    """A batch's saved per-example results, or None (with a warning naming the file) when the file is damaged:
+    the batch is then evaluated again, since resuming from it is a convenience, not a record."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated or corrupt: torch reports it in many ways
+        warnings.warn(f"saved evaluation batch {path} is damaged ({type(exc).__name__}); evaluating it again",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _spec_dir(root: Path, spec: dict, write: bool = True) -> Path:
@@ -353,8 +367,10 @@ def autoattack_curve(
             continue
         saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
         if saved is not None and saved.exists():
-            mine[batch_index] = torch.load(saved, weights_only=True)
-            continue
+            loaded = load_saved_batch(saved)
+            if loaded is not None:
+                mine[batch_index] = loaded
+                continue
         images, labels = data.to_device((images[:take], labels[:take]), device, channels_last)
         with autocast_ctx:
             result = autoattack.autoattack_batch(model, images, labels, eps=eps, num_classes=num_classes,

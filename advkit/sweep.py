@@ -315,6 +315,7 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
                 return
             _run_point(point, kernel, progress)
             outcome["done"].append(name)
+            print(f"[sweep] {name}: done", flush=True)
         except Exception as exc:  # carry on; report at the end
             if getattr(exc, "ename", None) == "RunLocked" and point not in elsewhere:
                 elsewhere.append(point)

@@ -286,25 +286,60 @@ points:
     assert len(calls) <= 2 * len(points)  # one run folder per point (quadratic: every earlier point per source)
 
 
-def test_the_readmes_papermill_example_runs_on_a_new_run_folder(tmp_path):
+def test_the_readmes_experiment_command_runs_on_a_new_run_folder(tmp_path):
+    """Issue 18, item 11: the README's first experiment command, as a new user types it (with the test preset and
+    tiny sizes swapped in), runs from the repository on a run folder that does not exist yet."""
     import os
     import subprocess
-    import sys
 
     readme = (paths.project_root() / "README.md").read_text()
-    block = re.search(r"## One experiment through papermill.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
-    lines = block.replace("\\\n", " ").splitlines()
-    first_run = next(i for i, line in enumerate(lines) if "papermill notebooks/experiment.ipynb" in line)
-    commands = [line.split("  #")[0] for line in lines[:first_run + 1] if "--help-notebook" not in line]
-    assert "-p preset demo" in commands[-1]
-    commands[-1] = commands[-1].replace("-p preset demo", "-p preset test") + (
+    block = re.search(r"## One experiment\n.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    command = block.splitlines()[0].split("  #")[0]
+    assert command.startswith(".venv/bin/advkit run") and "-p preset demo" in command
+    command = command.replace("-p preset demo", "-p preset test") + (
         " -p epochs 1 -p n_train 128 -p n_test 64 -p train_steps 1 -p sanity_n 0 -p bnstats_channels 0"
-        " -y 'eval_checkpoints: [1]' --no-progress-bar")
-    (tmp_path / ".venv").symlink_to(config.Path(sys.executable).parents[1])
-    (tmp_path / "notebooks").symlink_to(paths.project_root() / "notebooks")
-    env = os.environ | {"ADVKIT_OUTPUT_BASE": str(tmp_path)}  # run folders land beside the notebook, as in the repo
-    done = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True)
+        " -p eval_checkpoints '[1]'")
+    env = os.environ | {"ADVKIT_OUTPUT_BASE": str(tmp_path)}  # run folders land in tmp_path, not the repository
+    done = subprocess.run(["bash", "-ec", command], cwd=paths.project_root(), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "runs" / "my-run" / "experiment.ipynb").exists()
     assert results.run_status(tmp_path / "runs" / "my-run") == "done"
+
+
+def test_advkit_run_refused_again_keeps_the_runs_record(tmp_path, capsys):
+    """Issue 18, item 4: re-running a finished experiment command used to replace its executed notebook with a
+    two-cell traceback; the refusal now leaves it as it was (papermill writes into .attempts first)."""
+    from advkit import cli
+
+    args = ["run", "-p", "name", "rec", "-p", "runs_root", str(tmp_path)] + [
+        a for k, v in FAST.items() if k != "preset" for a in ("-p", k, json.dumps(v))]
+    assert cli.main(args) == 0
+    record = tmp_path / "rec" / "experiment.ipynb"
+    before = record.read_bytes()
+    assert cli.main(args) == 1
+    assert "FileExistsError" in capsys.readouterr().err
+    assert record.read_bytes() == before
+    assert cli.main(args + ["-p", "epochs", "x"]) == 2  # refused before papermill starts
+    assert record.read_bytes() == before
+
+
+def test_two_sweeps_of_one_file_at_once_train_every_point_once(tmp_path):
+    """Issue 18, item 3: two `advkit sweep` processes on the same file used to train the same point twice, the
+    second deleting the first one's files; now the run folder's lock keeps each point to one process, the other
+    waits for it, and both finish with one consistent metrics.jsonl per point."""
+    import subprocess
+    import sys
+
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(tmp_path / "runs"), "base": FAST | {"epochs": 2},
+                                                "points": [{"name": "a"}, {"name": "b"}]}))
+    command = [sys.executable, "-m", "advkit.cli", "sweep", str(f)]
+    first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for _ in range(2))
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    for name in ("a", "b"):
+        run_dir = tmp_path / "runs" / name
+        epochs = [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2] and results.run_status(run_dir) == "done"
+    for name in ("a", "b"):  # each point trained by one of the two sweeps; the other skipped it or waited
+        assert sum(out.count(f"[sweep] {name}: done") for out in outputs) == 1, outputs

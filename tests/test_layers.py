@@ -1,0 +1,74 @@
+"""The house in tiers (issue 16): imports run down only, no circle, and the analysis tier imports no torch."""
+
+import ast
+import subprocess
+import sys
+
+from advkit import paths
+
+PACKAGE = paths.project_root() / "advkit"
+TIERS = {  # higher imports lower (or its own tier), never the other way
+    0: {"validate", "paths", "paper"},  # leaf facts and checks: no torch, no other advkit module
+    1: {"attacks", "autoattack", "fold", "norm", "models", "data", "distributed"},  # core: knows no runs
+    2: {"config", "device", "rundir", "strategy", "train", "evaluate", "bnstats", "run", "examples"},  # experiment
+    3: {"results", "plots", "study", "explore"},  # analysis: no torch
+    4: {"cli", "sweep", "figures", "bench"},  # face
+}
+TIER = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+def _imports(module: str) -> set[str]:
+    """The advkit modules ``module`` imports anywhere in its file (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("advkit"):
+            found |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+    return found & set(TIER)
+
+
+def test_every_module_has_a_tier():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(TIER)
+
+
+def test_imports_run_down_the_tiers_and_make_no_circle():
+    graph = {m: _imports(m) for m in TIER}
+    upward = [(m, i) for m, imported in graph.items() for i in imported if TIER[i] > TIER[m]]
+    assert not upward, f"imports up the tiers: {upward}"
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError(f"import circle: {' -> '.join(trail + [m])}")
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for i in sorted(graph[m]):
+            visit(i, trail + [m])
+        state[m] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_checker_catches_an_upward_import_and_a_circle(monkeypatch):
+    monkeypatch.setitem(TIER, "norm", 1)
+    graph = {"norm": {"train"}, "train": {"norm"}}
+    assert [(m, i) for m, imported in graph.items() for i in imported if TIER[i] > TIER[m]] == [("norm", "train")]
+
+
+def test_the_analysis_tier_imports_without_torch():
+    blocked = ("import sys\n"
+               "class Blocker:  # any 'import torch' now raises ImportError\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
+               "sys.meta_path.insert(0, Blocker())\n"
+               "import advkit.results, advkit.plots, advkit.study, advkit.explore, advkit.rundir, advkit.paper\n"
+               "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]
+    proof = subprocess.run([sys.executable, "-c", blocked.replace("advkit.results,", "advkit.train, advkit.results,")],
+                           capture_output=True, text=True)
+    assert proof.returncode != 0  # the block works: the experiment tier does need torch
