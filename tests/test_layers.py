@@ -72,3 +72,36 @@ def test_the_analysis_tier_imports_without_torch():
     proof = subprocess.run([sys.executable, "-c", blocked.replace("advkit.results,", "advkit.train, advkit.results,")],
                            capture_output=True, text=True)
     assert proof.returncode != 0  # the block works: the experiment tier does need torch
+
+
+BEFORE_RELAYER = "acf84566fc39a5d6778b4177aeb70b91a4a79d10"  # main before the re-layering of issue 16
+
+
+def test_the_relayered_code_trains_bit_identical_weights(tmp_path):
+    """Issue 16 changed no behaviour: a tiny MBN run of 100% adv + 50% clean (attack, Eq. 1, both branches,
+    a mid-epoch checkpoint) trained by the code before the re-layering and by this code gives the same bits."""
+    import os
+
+    import torch
+
+    from advkit import data, rundir, run
+    from advkit.config import make_config
+
+    archive = subprocess.run(["git", "-C", str(paths.project_root()), "archive", BEFORE_RELAYER, "advkit"],
+                             capture_output=True)
+    assert archive.returncode == 0, archive.stderr.decode()  # CI clones with history
+    old = tmp_path / "before"
+    old.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    kw = dict(epochs=1, n_train=128, batch_size=32, clean_ratio=0.5, norm="mbn", checkpoint_every_steps=3,
+              train_steps=2)
+    script = ("from advkit import train; from advkit.config import make_config\n"
+              f"train.train(make_config('test', name='before', runs_root={str(tmp_path)!r}, **{kw!r}), "
+              "show_progress=False)\n")
+    env = os.environ | {"PYTHONPATH": str(old), "ADVKIT_DATA": str(data.default_root())}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run.train_run(make_config("test", name="after", runs_root=str(tmp_path), **kw), show_progress=False)
+    before, after = (rundir.load_checkpoint(tmp_path / n)["model"] for n in ("before", "after"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
