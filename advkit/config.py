@@ -279,6 +279,15 @@ def check_checkpoint_path(path: str) -> None:
 
 def validate(cfg: Config, check_paths: bool = True) -> Config:
     """Check every parameter and combination; raise ValueError naming the parameter, the value, what is accepted."""
+    _check_values(cfg)
+    _check_schedule(cfg)
+    _check_combinations(cfg, check_paths)
+    _check_model_parameters(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Each parameter on its own: choices, ranges, types."""
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ValueError(f"name={cfg.name!r} is not accepted; give a non-empty folder name without '/'")
     check_choice("dataset", cfg.dataset, list(data.DATASETS))
@@ -314,6 +323,12 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
                          "AutoAttack runs on the first images of the evaluation set; give 0 (off) up to n_test")
     if cfg.eval_autoattack_n:
         autoattack.require_torchattacks()  # an ImportError saying how to install it, before any compute
+    check_choice("resume", cfg.resume, [False, True, "auto"])
+    check_choice("overwrite", cfg.overwrite, [False, True])
+
+
+def _check_schedule(cfg: Config) -> None:
+    """The optimiser's numbers and the epochs they refer to."""
     check_range("lr", cfg.lr, 0, low_open=True)
     check_range("weight_decay", cfg.weight_decay, 0)
     check_range("alp_weight", cfg.alp_weight, 0)
@@ -323,12 +338,16 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
             not isinstance(e, int) or not 0 < e <= cfg.epochs for e in cfg.lr_decay_epochs):
         raise ValueError(f"lr_decay_epochs={cfg.lr_decay_epochs!r} is not accepted; give a list of epochs in "
                          f"[1, epochs={cfg.epochs}]")
-    if cfg.n_train is not None and cfg.batch_size > cfg.n_train:
-        raise ValueError(f"batch_size={cfg.batch_size} is not accepted with n_train={cfg.n_train}: an epoch would "
-                         "have no full batch")
     if cfg.running_stats_epochs > cfg.epochs:
         raise ValueError(f"running_stats_epochs={cfg.running_stats_epochs} is not accepted; it must be <= "
                          f"epochs={cfg.epochs}")
+
+
+def _check_combinations(cfg: Config, check_paths: bool) -> None:
+    """Parameters that are fine alone but not together, or an attack that would never move."""
+    if cfg.n_train is not None and cfg.batch_size > cfg.n_train:
+        raise ValueError(f"batch_size={cfg.batch_size} is not accepted with n_train={cfg.n_train}: an epoch would "
+                         "have no full batch")
     if cfg.adv_ratio == 0 and cfg.clean_ratio != 1:
         raise ValueError(f"clean_ratio={cfg.clean_ratio} is not accepted with adv_ratio=0; standard training "
                          "uses every clean image (clean_ratio=1)")
@@ -347,8 +366,6 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     if cfg.batch_size % cfg.gpus:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with gpus={cfg.gpus}: the global batch must "
                          "divide evenly between the processes")
-    check_choice("resume", cfg.resume, [False, True, "auto"])
-    check_choice("overwrite", cfg.overwrite, [False, True])
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":
@@ -360,8 +377,6 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     if cfg.eval_eps > 0 and cfg.eval_step == 0:
         raise ValueError(f"eval_step=0 is not accepted with eval_eps={cfg.eval_eps}: the evaluation attack would never "
                          "move from its random start; give eval_step > 0")
-    _check_model_parameters(cfg)
-    return cfg
 
 
 def _check_model_parameters(cfg: Config) -> None:

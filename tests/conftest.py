@@ -6,15 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advkit import data, models, run, train
+from advkit import data
+from helpers import fmnist_model
 
 torch.set_num_threads(2)
-
-
-def fmnist_model(arch: str = "small_resnet8", norm: str = "bn", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    info = data.DATASETS["fashion-mnist"]
-    return models.build_model(arch, info.num_classes, norm, in_channels=info.channels, mean=info.mean, std=info.std)
 
 
 @pytest.fixture(scope="session")
@@ -41,33 +36,6 @@ def clean_trained_model() -> torch.nn.Module:
             loss.backward()
             opt.step()
     return model.eval()
-
-
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = (model(images).argmax(1) == labels).float().mean().item()
-    model.train(was_training)
-    return acc
-
-
-def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Train ``cfg`` in this process and crash it (KeyboardInterrupt) at its ``calls``-th training step."""
-    from advkit import run, train
-
-    real, seen = train.training_loss, []
-
-    def crashing(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == calls:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "training_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run.train_run(cfg, show_progress=False)
-    monkeypatch.setattr(train, "training_loss", real)
 
 
 @pytest.fixture(scope="session")

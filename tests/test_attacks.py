@@ -3,7 +3,7 @@ import torch
 import torchattacks
 
 from advkit import attacks, norm
-from conftest import accuracy, fmnist_model
+from helpers import accuracy, fmnist_model
 
 
 def _gen(seed=0):

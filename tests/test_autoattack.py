@@ -15,7 +15,7 @@ import torch
 
 from advkit import autoattack, evaluate, explore, norm, plots, results, run
 from advkit.config import Config, make_config
-from conftest import fmnist_model
+from helpers import fmnist_model
 
 N_ITER = 4  # the tests' APGD budget; runs use the reference 100
 

@@ -5,7 +5,7 @@ import torch
 
 from advkit import attacks, bnstats, data, evaluate, norm, train
 from advkit.config import make_config
-from conftest import fmnist_model
+from helpers import fmnist_model
 
 
 def _loader(x, y, batch_size=64):

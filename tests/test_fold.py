@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from advkit import attacks, evaluate, fold, models, norm
-from conftest import fmnist_model
+from helpers import fmnist_model
 
 
 def _randomize_statistics(model, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from advkit import bnstats, plots, results
-from conftest import fmnist_model
+from helpers import fmnist_model
 
 TABLE7 = pd.read_csv(results.PAPER_DIR / "table7.csv")
 

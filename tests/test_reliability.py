@@ -18,7 +18,7 @@ import torch
 
 from advkit import config, data, paths, run, rundir, sweep, train
 from advkit.config import make_config
-from conftest import train_until_crash
+from helpers import train_until_crash
 
 # 2 epochs of 8 batches; deterministic on the CPU. Evaluation kept tiny: the subprocess runs train + evaluation.
 SMALL = dict(n_train=256, batch_size=32, epochs=2, lr_decay_epochs=[1], norm="mbn", clean_ratio=0.5, device="cpu",

@@ -5,7 +5,7 @@ import papermill
 import pytest
 
 from advkit import config, paths, results, rundir, sweep, train
-from conftest import train_until_crash
+from helpers import train_until_crash
 
 FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_checkpoints": [1], "sanity_n": 0, "bnstats_channels": 0}
 

@@ -5,7 +5,7 @@ import torch
 
 from advkit import config, norm, run, rundir, strategy, train
 from advkit.config import make_config
-from conftest import fmnist_model
+from helpers import fmnist_model
 
 
 def _batch(n=16, seed=0):
