@@ -251,23 +251,19 @@ def sanity_checks(
     before = _model_state(model)
     kw = dict(num_classes=num_classes, checkpoints=checkpoints, step=step, seed=seed, fold_bn=fold_bn)
     with _exact_fp32():
-        clean = _reference_logits(model, images).argmax(1) == labels
-        zero_final, zero_worst = curve_batch(model, images, labels, eps=0.0, **kw)
-        differ = int((zero_final != clean).sum() + (zero_worst != clean).sum())
-        rows = [_row("eps 0 gives clean accuracy", differ == 0,
-                     f"{_mean(zero_final[-1]):.4f} vs clean {_mean(clean):.4f}; {differ} (checkpoint, example) differ",
-                     "equal for every example at every checkpoint")]
+        rows = [_eps_zero_row(model, images, labels, curve_batch(model, images, labels, eps=0.0, **kw))]
         final, worst = curve_batch(model, images, labels, eps=eps, **kw)
         seen = _observed_attack(model, images, labels, eps=eps, step=step, steps=max(checkpoints),
                                 num_classes=num_classes, seed=seed, fold_bn=fold_bn)
         targets, start = _protocol_draws(images, labels, eps, num_classes, seed)
         rows += _model_rows(model, seen)
         rows += _geometry_rows(images, seen, eps)
-        rows += _start_rows(images, seen, start, eps)
+        rows += _start_rows(images, seen, start)
         rows += _targeted_rows(model, seen, targets, num_classes)
-        oracle = _plain_pgd(model, images, labels, targets, start, eps=eps, step=step, checkpoints=checkpoints)
-        rows.append(_agreement_row("agrees with a plain targeted PGD (same targets, starts)",
-                                   torch.cat([final, worst]), torch.cat(oracle), "final and worst iterate, every checkpoint"))
+        plain_final, plain_worst = _plain_pgd(model, images, labels, targets, start, eps=eps, step=step,
+                                              checkpoints=checkpoints)
+        rows.append(_agreement_row("agrees with a plain targeted PGD (same targets, starts)", torch.cat([worst, final]),
+                                   torch.cat([plain_worst, plain_final]), "final and worst iterate, every checkpoint"))
         untargeted, _ = curve_batch(model, images, labels, eps=eps, targeted=False, **kw)
         rows.append(_torchattacks_row(model, images, labels, untargeted[-1], eps=eps, step=step,
                                       steps=max(checkpoints), seed=seed))
@@ -301,8 +297,13 @@ def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
-AGREEMENT = 0.99  # share of examples on which two PGD implementations fed the same draws must agree
-LOGIT_TOLERANCE = 1e-3  # the attack's logits vs the reference's, relative to the largest logit (folding: ~1e-6)
+# Share of examples on which two PGD implementations fed the same draws must agree. Measured on the CPU, for the
+# plain PGD and for torchattacks: no example disagreed in over 1,000 (clean- and adversarially trained BN and MBN
+# models; PGD-3 to PGD-20, eps 16 and 32); the 1% absorbs a gradient-sign tie that rounding may flip elsewhere.
+SANITY_AGREEMENT = 0.99
+# The attack's logits vs the reference's, relative to the largest logit: measured <= 4e-7 (BN folding's rounding);
+# the other MBN branch or batch statistics give >= 6e-2.
+SANITY_LOGIT_TOLERANCE = 1e-3
 
 
 def _row(check: str, passed: bool | None, value: str, expected: str) -> dict:
@@ -315,7 +316,7 @@ def _mean(flags: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def _exact_fp32():
-    """Plain fp32 on CUDA too (no TF32 matmuls or convolutions), so that float rounding cannot hide a real gap."""
+    """Plain fp32 on CUDA too: no TF32 matmuls or convolutions, whose rounding (~1e-3) would blur the comparisons."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -340,6 +341,15 @@ def _reference_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The evaluated model's logits, computed without :mod:`advkit.attacks`."""
     with torch.no_grad(), _eval_mode(model):
         return model(images)
+
+
+def _eps_zero_row(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  curve: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    clean = _reference_logits(model, images).argmax(1) == labels
+    differ = int(sum((rows != clean).sum() for rows in curve))
+    return _row("eps 0 gives clean accuracy", differ == 0,
+                f"{_mean(curve[0][-1]):.4f} vs clean {_mean(clean):.4f}; {differ} (checkpoint, example) differ",
+                "equal for every example at every checkpoint")
 
 
 def _model_state(model: nn.Module) -> dict[str, object]:
@@ -395,9 +405,9 @@ def _relative_gap(ours: torch.Tensor | None, reference: torch.Tensor) -> float:
 def _model_rows(model: nn.Module, seen: dict[str, torch.Tensor]) -> list[dict]:
     start_gap = _relative_gap(seen.get("start logits"), _reference_logits(model, seen["start"]))
     adv_gap = _relative_gap(seen["adv logits"], _reference_logits(model, seen["adv"]))
-    return [_row("the attack runs the evaluated model", max(start_gap, adv_gap) <= LOGIT_TOLERANCE,
+    return [_row("the attack runs the evaluated model", max(start_gap, adv_gap) <= SANITY_LOGIT_TOLERANCE,
                  f"max logit gap {start_gap:.1e} (start), {adv_gap:.1e} (final iterate)",
-                 f"<= {LOGIT_TOLERANCE:g} x the largest logit (eval mode, this branch)")]
+                 f"<= {SANITY_LOGIT_TOLERANCE:g} x the largest logit (eval mode, this branch)")]
 
 
 def _linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -420,7 +430,7 @@ def _geometry_rows(images: torch.Tensor, seen: dict[str, torch.Tensor], eps: flo
     ]
 
 
-def _start_rows(images: torch.Tensor, seen: dict[str, torch.Tensor], drawn: torch.Tensor, eps: float) -> list[dict]:
+def _start_rows(images: torch.Tensor, seen: dict[str, torch.Tensor], drawn: torch.Tensor) -> list[dict]:
     gap = (seen["start"] - drawn).abs().max().item() * 255
     moved = _mean(seen["start"] != images)
     return [_row("random start: the documented uniform draw in the eps-cube", gap <= 1e-4,
@@ -428,7 +438,8 @@ def _start_rows(images: torch.Tensor, seen: dict[str, torch.Tensor], drawn: torc
                  f"{moved:.0%} of pixels moved", "equal (<= 1e-4 on the 0-255 scale)")]
 
 
-def _targeted_rows(model: nn.Module, seen: dict[str, torch.Tensor], targets: torch.Tensor, num_classes: int) -> list[dict]:
+def _targeted_rows(model: nn.Module, seen: dict[str, torch.Tensor], targets: torch.Tensor,
+                   num_classes: int) -> list[dict]:
     def target_log_prob(x: torch.Tensor) -> torch.Tensor:
         return _reference_logits(model, x).log_softmax(1).gather(1, targets[:, None])[:, 0]
 
@@ -440,14 +451,16 @@ def _targeted_rows(model: nn.Module, seen: dict[str, torch.Tensor], targets: tor
 
 
 def _agreement_row(check: str, ours: torch.Tensor, theirs: torch.Tensor, what: str) -> dict:
-    """Per-example agreement of two (rows, B) correctness tables; an example agrees when all its rows do."""
+    """Per-example agreement of two (rows, B) correctness tables, the last row the final iterate of the longest
+    attack; an example agrees when all its rows do."""
     agree = _mean((ours == theirs).all(0))
-    return _row(check, agree >= AGREEMENT, f"{agree:.1%} agree; accuracy {_mean(ours[-1]):.4f} vs {_mean(theirs[-1]):.4f}",
-                f">= {AGREEMENT:.0%} of examples ({what})")
+    return _row(check, agree >= SANITY_AGREEMENT,
+                f"{agree:.1%} agree; PGD accuracy {_mean(ours[-1]):.4f} vs {_mean(theirs[-1]):.4f}",
+                f">= {SANITY_AGREEMENT:.0%} of examples ({what})")
 
 
-def _plain_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-               start: torch.Tensor, *, eps: float, step: float, checkpoints: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _plain_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
+               *, eps: float, step: float, checkpoints: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Targeted L-inf PGD written apart from :mod:`advkit.attacks`, as plainly as possible: the evaluated model
     itself (eval mode, unfolded), mean cross-entropy, the step projected as ``clean + clamp(delta)``. Returns the
     final- and worst-iterate correctness at each checkpoint, each (len(checkpoints), B)."""

@@ -58,7 +58,7 @@ def untargeted_step_flipped(monkeypatch):
     real = attacks.pgd_iterations
 
     def mutant(model, images, goal, start, eps, step, steps, targeted, on_logits=None):
-        return real(model, images, goal, start, eps, step, steps, True, on_logits)  # untargeted: descends the label's loss
+        return real(model, images, goal, start, eps, step, steps, True, on_logits)  # untargeted: descends the loss
 
     monkeypatch.setattr(attacks, "pgd_iterations", mutant)
 
@@ -136,10 +136,12 @@ def train_mode(monkeypatch):
 
 EPS_BALL, PIXEL_RANGE, BUDGET = ("adversarial examples lie in the eps-ball", "adversarial examples lie in [0, 1]",
                                 "the perturbation uses the budget")
-START, TARGETED = "random start: the documented uniform draw in the eps-cube", "targeted: the target's log-probability rises"
+START = "random start: the documented uniform draw in the eps-cube"
+TARGETED = "targeted: the target's log-probability rises"
 SAME_MODEL, UNCHANGED, EPS_0 = ("the attack runs the evaluated model", "the model is left unchanged",
                                 "eps 0 gives clean accuracy")
-ORACLE, TORCHATTACKS = "agrees with a plain targeted PGD (same targets, starts)", "agrees with torchattacks (untargeted)"
+ORACLE = "agrees with a plain targeted PGD (same targets, starts)"
+TORCHATTACKS = "agrees with torchattacks (untargeted)"
 UNDEFENDED = "undefended model falls to ~0% (untargeted)"
 
 # name: (mutant, model, the checks that must all fail on it); together they name every check
