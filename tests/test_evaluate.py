@@ -104,25 +104,12 @@ def test_mixture_bn_models_are_evaluated_through_each_branch(tmp_path):
 
 
 def test_sanity_checks_pass_on_a_real_model(clean_trained_model, fmnist_test):
+    """On a longer curve than the mutation suite's (tests/test_sanity.py), every check passes."""
     x, y = fmnist_test
     table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], num_classes=10, checkpoints=[1, 5, 20],
                                    eps=16, step=2, undefended=True)
     assert table["passed"].all(), table.to_string()
-    assert len(table) == 6
-
-
-def test_sanity_checks_catch_a_broken_attack(clean_trained_model, fmnist_test, monkeypatch):
-    """A deliberately wrong attack (ascending the target's loss) must fail the torchattacks agreement
-    or the undefended check; a test that cannot fail proves nothing."""
-    x, y = fmnist_test
-    real = attacks.pgd_iterations
-    monkeypatch.setattr(attacks, "pgd_iterations",
-                        lambda m, i, g, s, eps, step, steps, targeted, on_logits=None:
-                        real(m, i, g, s, eps, step, steps, not targeted, on_logits))
-    table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], num_classes=10, checkpoints=[1, 5, 20],
-                                   eps=16, step=2, undefended=True)
-    failed = set(table.loc[table["passed"] == False, "check"])  # noqa: E712
-    assert "agrees with torchattacks (untargeted)" in failed
+    assert len(table) == 11 and table["check"].is_unique
 
 
 def test_variance_convention_compares_like_with_like():
