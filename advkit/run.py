@@ -72,6 +72,15 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Co
     return cfg, checkpoint
 
 
+def _unchanged_and_finished(cfg: Config, run: RunDir) -> bool:
+    """Whether the folder holds a finished run of exactly this configuration (where things live aside)."""
+    if not run.finished():
+        return False
+    saved = run.config()
+    return not resume_conflicts(saved, cfg) and all(saved.get(k) == v for k, v in cfg.to_dict().items()
+                                                    if k.startswith("eval_"))
+
+
 @contextlib.contextmanager
 def _recorded(run: RunDir, ctx: distributed.Context):
     """Mark the run 'interrupted' (SIGTERM, resumable) or 'failed' (with the error) if the body raises."""
@@ -106,6 +115,8 @@ def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
     ctx = _check_inputs(cfg)
     run_dir = RunDir(cfg.run_dir)
     with run_dir.lock() if ctx.main else contextlib.nullcontext():
+        if cfg.resume == "auto" and not ctx.active and _unchanged_and_finished(cfg, run_dir):
+            return run_dir.results()  # another process finished it meanwhile: nothing to do
         cfg, checkpoint = _take_folder(cfg, run_dir, ctx)
         with _recorded(run_dir, ctx):
             model = train(cfg, show_progress, checkpoint)

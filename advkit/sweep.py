@@ -246,6 +246,9 @@ def finished_differently(point: Point) -> list[str]:
     return resume_conflicts(RunDir(point.config.run_dir).config(), point.config)
 
 
+# the kernel's own log (e.g. "Kernel is running over TCP without encryption", about its loopback connection to
+# papermill) is noise to a user; errors still show
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 REFUSALS = ("RunLocked", "FileExistsError", "ResumeConflict")  # the run was not accepted: nothing of it changed
 
 
@@ -266,7 +269,7 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
     attempt = attempts / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
     try:
         papermill.execute_notebook(str(notebook), str(attempt), parameters=cfg.to_dict(), kernel_name=kernel,
-                                   progress_bar=progress, cwd=str(project_root()))
+                                   progress_bar=progress, cwd=str(project_root()), extra_arguments=QUIET_KERNEL)
     except papermill.PapermillExecutionError as exc:
         if exc.ename in REFUSALS:
             raise
