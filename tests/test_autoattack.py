@@ -200,9 +200,11 @@ def test_analysis_layer_shows_autoattack_beside_pgd(mbn_run, tmp_path):
     fig = plots.figure3(frame, tmp_path)  # the kit panel: the PGD curves only, at the PGD checkpoints
     kit_x = {x for line in fig.axes[1].lines for x in line.get_xdata()}
     assert kit_x and kit_x <= set(cfg.eval_checkpoints)
-    explorer = explore.make_explorer(frame[frame["source"] == "kit"], show=False)
-    drawn = {x for line in explorer.drawn["curves"].axes[0].lines for x in line.get_xdata()}
-    assert explorer.error is None and N_ITER in drawn  # AutoAttack's marker beside the PGD curves
+    explorer = explore.make_explorer(explore.explorer_frame(cfg.run_dir.parent), show=False)
+    explorer.controls["threat model"].value = "AutoAttack"  # its markers beside the targeted PGD curves
+    ax = explorer.drawn["curves"].axes[0]
+    drawn = {x for points in ax.collections for x, _ in points.get_offsets()}
+    assert explorer.error is None and N_ITER in drawn
     matplotlib.pyplot.close("all")
 
 
