@@ -38,6 +38,16 @@ def _check_inputs(cfg: Config) -> distributed.Context:
     return ctx
 
 
+def _refuse_early(cfg: Config, run: RunDir) -> None:
+    """The refusals that need no lock, made before the lock file is created, so that nothing is written; they
+    are made again under the lock (another process may change the folder in between)."""
+    if cfg.resume is True and not run.has_checkpoint():
+        raise FileNotFoundError(f"resume=True but {run.checkpoints} holds no checkpoint to resume from")
+    if run.exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"run folder {run.path} already holds a run: pass resume=True to continue it or "
+                              "overwrite=True to replace it (nothing was changed)")
+
+
 def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Config, dict[str, Any] | None]:
     """Decide what happens to the run folder and prepare it (called under its lock). ``resume='auto'`` resumes a
     run with a checkpoint (a finished one is evaluated again: saved batches of the same weights are reused) and
@@ -47,13 +57,9 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Co
     if cfg.resume == "auto":
         has = run.has_checkpoint()
         cfg = dataclasses.replace(cfg, resume=has, overwrite=run.exists() and not has)
-    if run.exists() and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"run folder {run.path} already holds a run: pass resume=True to continue it or "
-                              "overwrite=True to replace it (nothing was changed)")
+    _refuse_early(cfg, run)
     checkpoint = None
     if cfg.resume:
-        if not run.has_checkpoint():
-            raise FileNotFoundError(f"resume=True but {run.checkpoints} holds no checkpoint to resume from")
         checkpoint = run.load_resume_checkpoint()
         conflicts = resume_conflicts(checkpoint.get("config", {}), cfg)
         if conflicts:
@@ -100,6 +106,7 @@ def train_run(cfg: Config, show_progress: bool = True) -> nn.Module:
     """Check the inputs, take the run folder and train (no evaluation); return the trained model."""
     ctx = _check_inputs(cfg)
     run = RunDir(cfg.run_dir)
+    _refuse_early(cfg, run)
     with run.lock() if ctx.main else contextlib.nullcontext():
         cfg, checkpoint = _take_folder(cfg, run, ctx)
         with _recorded(run, ctx):
@@ -114,6 +121,7 @@ def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
     a finished run."""
     ctx = _check_inputs(cfg)
     run_dir = RunDir(cfg.run_dir)
+    _refuse_early(cfg, run_dir)
     with run_dir.lock() if ctx.main else contextlib.nullcontext():
         if cfg.resume == "auto" and not ctx.active and _unchanged_and_finished(cfg, run_dir):
             return run_dir.results()  # another process finished it meanwhile: nothing to do

@@ -101,7 +101,7 @@ DRIFT = dict(epochs=1, n_train=256, batch_size=32, lr=0.4, lr_decay_epochs=[], t
              eval_batch_size=16, eval_checkpoints=[1, 2], sanity_n=0, bnstats_channels=0, device="cpu", gpus=2)
 CRASH_SCRIPT = """
 import sys
-from advkit import train
+from advkit import run, train
 
 real, seen = train.training_loss, []
 

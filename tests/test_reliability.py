@@ -325,7 +325,7 @@ BAD_INPUTS = [
     (dict(arch="resnet19"), r"arch='resnet19' .*'resnet50'"),
     (dict(dataset="mnist"), r"dataset='mnist' .*'fashion-mnist'"),
     (dict(optimizer="adam"), r"optimizer='adam' .*\['sgd', 'rmsprop'\]"),
-    (dict(schedule="cosine"), r"schedule='cosine' .*\['step', 'exp'\]"),
+    (dict(schedule="linear"), r"schedule='linear' .*\['step', 'exp', 'cosine'\]"),
     (dict(device="tpu"), r"device='tpu'"),
     (dict(eval_step_rule="linear"), r"eval_step_rule='linear' .*'fixed'"),
     # impossible combinations
