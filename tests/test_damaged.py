@@ -56,7 +56,7 @@ DAMAGES = {  # file, how it is damaged, what the message says
     "results-empty": ("results.csv", lambda t: "", "empty"),
     "results-cut-mid-row": ("results.csv", lambda t: t[:-7], "ends mid-row"),
     "results-cut-in-header": ("results.csv", lambda t: t[:10], "ends mid-row"),
-    "results-short-row": ("results.csv", _short_row, "line 2 has 3 fields, the header 12"),
+    "results-short-row": ("results.csv", _short_row, r"line 2 has 3 fields, the header \d+"),
     "results-missing-column": ("results.csv", _drop_accuracy, r"missing column\(s\) \['accuracy'\]"),
     "bnstats-truncated": ("bnstats.csv", lambda t: t[: len(t) // 2], "ends mid-row"),
 }
