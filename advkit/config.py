@@ -254,6 +254,11 @@ def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
     return conflicts
 
 
+def evaluation_changed(saved: dict[str, Any], cfg: Config) -> bool:
+    """Whether ``cfg`` evaluates differently from the ``saved`` config (its ``eval_*`` parameters differ)."""
+    return any(saved.get(k) != v for k, v in cfg.to_dict().items() if k.startswith("eval_"))
+
+
 def config_from_file(path: str | Path) -> Config:
     """The Config saved in a JSON file (``config.json`` of a run folder: its derived keys are dropped)."""
     values = json.loads(Path(path).read_text())

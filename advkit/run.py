@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data, distributed, norm
 from .bnstats import bnstats_for_run
-from .config import Config, ResumeConflict, config_from_file, resume_conflicts, validate
+from .config import Config, ResumeConflict, config_from_file, evaluation_changed, resume_conflicts, validate
 from .device import environment, resolve_rank_device
 from .evaluate import autoattack_sanity_for_run, evaluate_model, sanity_for_run
 from .rundir import RunDir, load_checkpoint
@@ -83,8 +83,7 @@ def _unchanged_and_finished(cfg: Config, run: RunDir) -> bool:
     if not run.finished():
         return False
     saved = run.config()
-    return not resume_conflicts(saved, cfg) and all(saved.get(k) == v for k, v in cfg.to_dict().items()
-                                                    if k.startswith("eval_"))
+    return not resume_conflicts(saved, cfg) and not evaluation_changed(saved, cfg)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, make_config, resume_conflicts
+from .config import Config, evaluation_changed, make_config, resume_conflicts
 from .paths import project_root
 from .rundir import RunDir
 from .validate import check_range
@@ -302,7 +302,8 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
     def attempt(point: Point) -> None:
         name = point.config.name
         try:
-            if finished(point) and not finished_differently(point) and not _evaluation_changed(point):
+            saved = RunDir(point.config.run_dir).config() if finished(point) else None
+            if saved is not None and not finished_differently(point) and not evaluation_changed(saved, point.config):
                 outcome["skipped"].append(name)
                 print(f"[sweep] skip {name}: finished", flush=True)
                 return
@@ -338,12 +339,6 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)
     return outcome
-
-
-def _evaluation_changed(point: Point) -> bool:
-    """Whether a finished run's evaluation parameters differ from the point's (it is then evaluated again)."""
-    saved = RunDir(point.config.run_dir).config()
-    return any(saved.get(k) != v for k, v in point.config.to_dict().items() if k.startswith("eval_"))
 
 
 def _signal_name(number: int) -> str:
