@@ -91,6 +91,7 @@ class Config:
     eval_batch_size: int = 256
     eval_bf16: bool = False  # evaluate under bf16 autocast (CUDA); default fp32, recorded in results.csv
     eval_autoattack_n: int = 0  # first N test images also under AutoAttack (APGD-CE + APGD-T, 100 iterations; 0: off)
+    eval_seed: int | None = None  # seeds the test subset and the attacks' draws; None: seed. Fixed: seeds vary training only
     sanity_n: int = 256  # test images for the sanity checks (0: skip them)
     bnstats_channels: int = 20  # channels sampled for Figures 5 and 6 (0: skip BN statistics)
     bnstats_layer: str | None = None  # a norm layer's module name; None: the middle block of the third stage
@@ -110,6 +111,11 @@ class Config:
     def zero_init(self) -> bool:
         """Whether residual blocks start with a zero last-norm scale: as set, else for the ImageNet ResNets only."""
         return not self.arch.startswith("small_") if self.zero_init_residual is None else self.zero_init_residual
+
+    @property
+    def evaluation_seed(self) -> int:
+        """The seed of the evaluation set and of the attacks' random targets and starts: ``eval_seed``, else ``seed``."""
+        return self.seed if self.eval_seed is None else self.eval_seed
 
     @property
     def strategy(self) -> str:
@@ -319,6 +325,8 @@ def _check_values(cfg: Config) -> None:
     for name in ("n_train", "n_test"):
         if getattr(cfg, name) is not None:
             check_range(name, getattr(cfg, name), 1, integer=True)
+    if cfg.eval_seed is not None:
+        check_range("eval_seed", cfg.eval_seed, 0, integer=True)
     if not isinstance(cfg.eval_checkpoints, (list, tuple)) or not cfg.eval_checkpoints or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval_checkpoints):
         raise ValueError(f"eval_checkpoints={cfg.eval_checkpoints!r} is not accepted; give a list of positive PGD "

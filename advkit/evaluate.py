@@ -210,7 +210,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     afresh). Every row names the weights (``weights``), the precision and the device it was computed with.
     """
     device = resolve_rank_device(cfg, distributed.context())
-    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
+    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
     branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
     weights = models.weights_digest(model)
@@ -218,7 +218,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     tables = []
     for branch in branches:
         spec = dict(branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps, step=cfg.eval_step,
-                    restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.seed, n=cfg.n_test,
+                    restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.evaluation_seed, n=cfg.n_test,
                     checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset, batch_size=cfg.eval_batch_size,
                     weights=weights, precision=precision)
         folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
@@ -226,7 +226,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
             curve = robustness_curve(
                 model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=cfg.eval_checkpoints,
                 eps=cfg.eval_eps, step=cfg.eval_step, targeted=cfg.eval_targeted, restarts=cfg.eval_restarts,
-                step_rule=cfg.eval_step_rule, seed=cfg.seed, device=device,
+                step_rule=cfg.eval_step_rule, seed=cfg.evaluation_seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
                 save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}",
                 fold_bn=cfg.attack_fold_bn, compile_attack=cfg.attack_compile)
@@ -234,7 +234,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
             np.savez_compressed(folder / "examples.npz", **curve)
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
                                   step=cfg.eval_step, step_rule=cfg.eval_step_rule, restarts=cfg.eval_restarts,
-                                  seed=cfg.seed))
+                                  seed=cfg.seed, eval_seed=cfg.evaluation_seed))
     if cfg.eval_autoattack_n:
         tables.append(autoattack_for_run(model, cfg, show_progress))
     table = pd.concat(tables, ignore_index=True)
@@ -309,14 +309,14 @@ def sanity_checks(
 def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """:func:`sanity_checks` on the first ``cfg.sanity_n`` test images of the run, through every MBN branch."""
     device = resolve_rank_device(cfg, distributed.context())
-    loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.seed, root=cfg.data_root)
+    loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.evaluation_seed, root=cfg.data_root)
     images, labels = data.to_device(next(iter(loader)), device)
     checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]
     tables = []
     for branch in list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]:
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             table = sanity_checks(model, images, labels, num_classes=data.DATASETS[cfg.dataset].num_classes,
-                                  checkpoints=checkpoints, eps=cfg.eval_eps, step=cfg.eval_step, seed=cfg.seed,
+                                  checkpoints=checkpoints, eps=cfg.eval_eps, step=cfg.eval_step, seed=cfg.evaluation_seed,
                                   undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn, fold_bn=cfg.attack_fold_bn)
         tables.append(table.assign(branch=branch))
     return pd.concat(tables, ignore_index=True)
@@ -609,7 +609,7 @@ def autoattack_spec(cfg, branch: str, n_iter: int, weights: str) -> dict:
     reused only under the same spec."""
     return dict(branch=branch, weights=weights, precision="bf16" if cfg.eval_bf16 else "fp32", attack=autoattack.WORST_CASE, attacks=list(autoattack.ATTACKS), eps=cfg.eval_eps,
                 n_iter=n_iter, max_target_classes=autoattack.MAX_TARGET_CLASSES, pgd_step=cfg.eval_step,
-                seed=cfg.seed, n=cfg.eval_autoattack_n, n_test=cfg.n_test, batch_size=cfg.eval_batch_size,
+                seed=cfg.evaluation_seed, n=cfg.eval_autoattack_n, n_test=cfg.n_test, batch_size=cfg.eval_batch_size,
                 dataset=cfg.dataset, torchattacks=autoattack.require_torchattacks().__version__)
 
 
@@ -628,20 +628,21 @@ def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_ite
     n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
-    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
+    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
     tables = []
     for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main).items():
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             result = autoattack_curve(
                 model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, n=cfg.eval_autoattack_n,
-                eps=cfg.eval_eps, pgd_step=cfg.eval_step, n_iter=n_iter, seed=cfg.seed, device=device,
+                eps=cfg.eval_eps, pgd_step=cfg.eval_step, n_iter=n_iter, seed=cfg.evaluation_seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
                 save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} AutoAttack",
                 fold_bn=cfg.attack_fold_bn)
         if ctx.main:
             np.savez_compressed(folder / "examples.npz", **result)
-        tables.append(autoattack_table(result, n_iter=n_iter, branch=branch, eps=cfg.eval_eps, seed=cfg.seed))
+        tables.append(autoattack_table(result, n_iter=n_iter, branch=branch, eps=cfg.eval_eps, seed=cfg.seed,
+                                            eval_seed=cfg.evaluation_seed))
     return pd.concat(tables, ignore_index=True)
 
 

@@ -103,7 +103,7 @@ def adversarial_examples(run_dir: str | Path, branch: str | None = None, n_image
     check_range("n_images", n_images, 1, integer=True)
     cfg, model = load_run(run_dir, branch, device)
     num_classes = data.DATASETS[cfg.dataset].num_classes
-    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.seed,
+    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
                               root=cfg.data_root)
     images, labels = data.to_device(next(iter(loader)), device)
     if n_images > len(labels):
@@ -111,7 +111,7 @@ def adversarial_examples(run_dir: str | Path, branch: str | None = None, n_image
                          f"{len(labels)} images; choose 1 to {len(labels)}")
     steps = max(cfg.eval_checkpoints)
     step = attacks.effective_step(cfg.eval_eps, cfg.eval_step, steps, cfg.eval_step_rule)
-    generator = evaluate.batch_generator(cfg.seed, 0, device)  # the evaluation's draws for batch 0
+    generator = evaluate.batch_generator(cfg.evaluation_seed, 0, device)  # the evaluation's draws for batch 0
     targets = attacks.random_targets(labels, num_classes, generator) if cfg.eval_targeted else None
     keep_inputs = n_images * (steps + 1) * images[0].numel() <= MAX_STORED_VALUES
     with torch.no_grad(), attacks.attack_mode(model):  # as the evaluation: the whole batch, BN not folded

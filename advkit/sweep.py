@@ -6,13 +6,16 @@ A sweep file::
     runs_root: runs/demo                   # where the run folders go (relative: to the repository root)
     base: {preset: demo}                   # parameters of every point
     grid: {seed: [0, 1, 2]}                # cartesian product over these
+    order: points                          # optional: points (each point over the grid) | grid (see below)
     points:                                # named settings, each crossed with the grid
       - {name: standard, adv_ratio: 0, clean_ratio: 1}
       - {name: adv-only, clean_ratio: 0}
       - {name: ft, finetune_bn: true, init_checkpoint: "run:adv-only", adv_ratio: 0, clean_ratio: 1}
 
 ``init_checkpoint: run:<name>`` starts from an earlier point of the same sweep (with a grid, the earlier
-point with the same grid values).
+point with the same grid values). ``order: grid`` runs every point of one grid combination before the next
+combination starts (seeds added one at a time: the points of seed 0, then of seed 1, ...); the default
+``points`` runs each point over the whole grid before the next point.
 
 Every point is validated before anything runs (a key given twice, a malformed entry, a run name that is no
 safe folder name: one-line messages naming the entry). A point whose ``results.csv`` exists is skipped; one
@@ -37,9 +40,10 @@ import yaml
 from .config import Config, evaluation_changed, make_config, resume_conflicts
 from .paths import project_root
 from .rundir import RunDir
-from .validate import check_range
+from .validate import check_choice, check_range
 
-SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "points")
+SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "order", "points")
+ORDERS = ("points", "grid")
 MAX_NAME_BYTES = 100  # a run name is a folder name: well under the 255 bytes that file systems allow
 
 
@@ -187,38 +191,44 @@ def load_sweep(path: str | Path) -> list[Point]:
         if "runs_root" in spec:
             base["runs_root"] = spec["runs_root"]
         grid, named = _grid(spec.get("grid")), _points(spec.get("points"))
+        check_choice("order", spec.get("order", "points"), ORDERS)
     except ValueError as exc:
         raise ValueError(f"sweep file {path}: {exc}") from None
     notebook = Path(notebook) if Path(notebook).is_absolute() else project_root() / notebook
     points: list[Point] = []
     run_dirs: dict[str, Path] = {}  # run name -> folder, of the points so far
-    for index, point in enumerate(named):
-        label = point.pop("name", None)
-        for combo in itertools.product(*grid.values()):
-            values = base | point | dict(zip(grid, combo))
-            preset = values.pop("preset", None)
-            grid_tags = [f"{k}{_value_tag(v)}" for k, v in zip(grid, combo)]
-            values.setdefault("name", "-".join(([label] if label else []) + grid_tags) or "run")
-            try:
-                check_run_name(values["name"])
-            except ValueError as exc:
-                raise ValueError(f"sweep file {path}, points[{index}]: {exc}") from None
-            start = values.get("init_checkpoint")
-            from_sweep = isinstance(start, str) and start.startswith("run:")
-            wanted = None
-            if from_sweep:
-                candidates = ["-".join([start[4:], *grid_tags]), start[4:]]  # same grid values first
-                wanted = next((c for c in candidates if c in run_dirs), None)
-                if wanted is None:
-                    raise ValueError(f"sweep file {path}, point {values['name']!r}: init_checkpoint={start!r} "
-                                     f"names no earlier point; earlier points: {sorted(run_dirs)}")
-                values["init_checkpoint"] = str(run_dirs[wanted])
-            try:
-                cfg = make_config(preset, check_paths=not from_sweep, **values)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"sweep file {path}, point {values['name']!r}: {exc}") from None
-            run_dirs.setdefault(cfg.name, cfg.run_dir)
-            points.append(Point(cfg, notebook, wanted))
+    labels = [point.pop("name", None) for point in named]
+    combos = list(itertools.product(*grid.values()))
+    if spec.get("order", "points") == "grid":
+        order = [(index, combo) for combo in combos for index in range(len(named))]
+    else:
+        order = [(index, combo) for index in range(len(named)) for combo in combos]
+    for index, combo in order:
+        point, label = named[index], labels[index]
+        values = base | point | dict(zip(grid, combo))
+        preset = values.pop("preset", None)
+        grid_tags = [f"{k}{_value_tag(v)}" for k, v in zip(grid, combo)]
+        values.setdefault("name", "-".join(([label] if label else []) + grid_tags) or "run")
+        try:
+            check_run_name(values["name"])
+        except ValueError as exc:
+            raise ValueError(f"sweep file {path}, points[{index}]: {exc}") from None
+        start = values.get("init_checkpoint")
+        from_sweep = isinstance(start, str) and start.startswith("run:")
+        wanted = None
+        if from_sweep:
+            candidates = ["-".join([start[4:], *grid_tags]), start[4:]]  # same grid values first
+            wanted = next((c for c in candidates if c in run_dirs), None)
+            if wanted is None:
+                raise ValueError(f"sweep file {path}, point {values['name']!r}: init_checkpoint={start!r} "
+                                 f"names no earlier point; earlier points: {sorted(run_dirs)}")
+            values["init_checkpoint"] = str(run_dirs[wanted])
+        try:
+            cfg = make_config(preset, check_paths=not from_sweep, **values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sweep file {path}, point {values['name']!r}: {exc}") from None
+        run_dirs.setdefault(cfg.name, cfg.run_dir)
+        points.append(Point(cfg, notebook, wanted))
     _check_unique(path, [p.config.name for p in points])
     return points
 

@@ -145,3 +145,27 @@ def test_figure_statistics_for_mixture_bn_leave_the_model_unchanged():
     assert model.training and norm.get_branch(model) == "adv"
     with pytest.raises(ValueError, match="bnstats_layer='net.fc'"):
         bnstats.figure_statistics(model, batches, num_classes=10, layer="net.fc")
+
+
+def test_a_fixed_eval_seed_evaluates_the_same_images_with_the_same_draws_whatever_the_training_seed(tmp_path):
+    """eval_seed fixes the test subset, the targets and the starts: two training seeds are then compared per image
+    (the study's paired design). Without it, each seed draws its own subset (the mutant this catches: a
+    evaluation that ignores eval_seed)."""
+    model = train.build_model(make_config("test")).eval()
+
+    def examples(name: str, **overrides) -> dict:
+        cfg = make_config("test", name=name, runs_root=str(tmp_path), n_test=32, eval_checkpoints=[2],
+                          eval_batch_size=16, **overrides)
+        cfg.run_dir.mkdir(parents=True)
+        table = evaluate.evaluate_model(model, cfg, show_progress=False)
+        assert set(table["eval_seed"]) == {cfg.evaluation_seed} and set(table["seed"]) == {cfg.seed}
+        return dict(np.load(next((cfg.run_dir / "eval").glob("*/examples.npz"))))
+
+    fixed = [examples(f"fixed{s}", seed=s, eval_seed=7) for s in (0, 1)]
+    for key in ("labels", "clean", "worst"):
+        assert np.array_equal(fixed[0][key], fixed[1][key])
+    free = [examples(f"free{s}", seed=s) for s in (0, 1)]
+    assert not np.array_equal(free[0]["labels"], free[1]["labels"])
+    assert make_config("test", seed=3).evaluation_seed == 3
+    with pytest.raises(ValueError, match="eval_seed"):
+        make_config("test", eval_seed=-1)

@@ -40,6 +40,7 @@ points:
     ("base: {preset: test}\ngrid: {seed: []}", r"grid: seed=\[\] is not accepted; give a non-empty list"),
     ("base: {preset: test}\npoints:\n  - {name: a}\n  - {name: a}", r"share the run name"),
     ("base: {preset: tiny}", r"preset='tiny'"),
+    ("base: {preset: test}\norder: seeds", r"order='seeds' is not accepted.*'points', 'grid'"),
 ])
 def test_malformed_sweeps_are_reported_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -132,6 +133,22 @@ points:
                  "  - {name: ft, finetune_bn: true, init_checkpoint: 'run:nothing', adv_ratio: 0, clean_ratio: 1}\n")
     with pytest.raises(ValueError, match=r"init_checkpoint='run:nothing' names no earlier point"):
         sweep.load_sweep(bad)
+
+
+def test_order_grid_runs_every_point_of_one_seed_before_the_next_seed(tmp_path):
+    text = f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: [0, 1]}}
+points:
+  - {{name: adv, clean_ratio: 0}}
+  - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
+"""
+    by_point = [p.config.name for p in sweep.load_sweep(_write(tmp_path / "p.yaml", text))]
+    by_grid = sweep.load_sweep(_write(tmp_path / "g.yaml", text + "order: grid\n"))
+    assert by_point == ["adv-seed0", "adv-seed1", "ft-seed0", "ft-seed1"]
+    assert [p.config.name for p in by_grid] == ["adv-seed0", "ft-seed0", "adv-seed1", "ft-seed1"]
+    assert by_grid[3].config.init_checkpoint == str(tmp_path / "runs" / "adv-seed1")
 
 
 def test_shards_split_the_points_and_keep_finetuning_with_its_source(tmp_path):
