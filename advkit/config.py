@@ -139,6 +139,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=6144, n_test=500, epochs=4,
                  batch_size=128, lr=0.2, warmup_epochs=0.5, lr_decay_epochs=[3], train_steps=5, train_step=4.0,
                  eval_checkpoints=[5, 10, 20, 50], eval_step=2.0, sanity_n=128),
+    # the decisive study's recipe (docs/study-design.md): >= 89% clean for standard training, one fixed evaluation
+    # set for every seed (eval_seed), PGD-100 on 2000 images and AutoAttack on 1000; eps set by the sweep files
+    "study": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=24576, n_test=2000, eval_seed=0, epochs=8,
+                  batch_size=128, schedule="cosine", lr=0.2, warmup_epochs=0.5, nesterov=True, weight_decay=5e-4,
+                  train_steps=5, eval_checkpoints=[10, 20, 50, 100], eval_autoattack_n=1000, sanity_n=256),
     # seconds on a CPU
     "test": dict(dataset="fashion-mnist", arch="small_resnet8", n_train=512, n_test=128, epochs=2, batch_size=64,
                  lr_decay_epochs=[1], train_steps=2, train_step=8.0, eval_checkpoints=[1, 2, 3], eval_step=4.0,
