@@ -10,6 +10,7 @@ all-reduce is triggered (pass the underlying module, ``ddp.module``).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 
 import torch
@@ -152,27 +153,61 @@ def pgd_iterations(
     return x_adv.detach().contiguous() if convert else x_adv.detach()
 
 
+@dataclass(frozen=True)
+class Attack:
+    """One L-inf PGD attack as the paper defines it (Section 3), validated on creation.
+
+    ``eps`` and ``step`` on the 0-255 scale; ``steps`` iterations from a random start in the eps-cube, towards
+    a random target class (``targeted``, the paper's protocol) or away from the label. ``restarts``: an example
+    must survive every one. ``step_rule``: 'fixed', or the original pipeline's ``max(step, eps / steps)``.
+    ``clean_start_prob``: the chance that a batch (or, ``start_per_example``, an example) starts at the clean
+    image (training: 0.2, as the original pipeline; evaluation: 0). ``bn_mode``: BN on running ('running', the
+    original pipeline's choice) or batch statistics during the attack; ``fold_bn``: attack the BN-folded view
+    (the same function, fewer operations, see :mod:`advkit.fold`); ``compile``: through ``torch.compile`` (True
+    or a mode of :data:`COMPILE_MODES`; 'reduce-overhead' uses CUDA graphs; the first call pays the compile).
+    """
+
+    eps: float = 16.0
+    step: float = 1.0
+    steps: int = 10
+    targeted: bool = True
+    restarts: int = 1
+    step_rule: str = "fixed"
+    clean_start_prob: float = 0.0
+    start_per_example: bool = False
+    bn_mode: str = "running"
+    fold_bn: bool = True
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        check_pgd_arguments(self.eps, self.step, self.steps, self.clean_start_prob, self.restarts, self.step_rule,
+                            self.bn_mode)
+        compile_mode(self.compile)
+
+    @property
+    def step_taken(self) -> float:
+        """The step actually taken (see :func:`effective_step`)."""
+        return effective_step(self.eps, self.step, self.steps, self.step_rule)
+
+
 def attack_once(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    attack: Attack,
     *,
-    eps: float,
-    step: float,
-    steps: int,
-    targeted: bool,
     num_classes: int | None,
     targets: torch.Tensor | None,
-    clean_start_prob: float,
-    start_per_example: bool,
     generator: torch.Generator | None,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """One PGD run (eps/step on the 0-255 scale, step already resolved): draw the targets, then the start,
-    then iterate. :func:`pgd` and the one-pass robustness curve share it, so they draw the same numbers."""
-    goal = labels if not targeted else (targets if targets is not None else random_targets(labels, num_classes, generator))
-    start = random_start(images, eps / 255.0, clean_start_prob, start_per_example, generator)
-    return pgd_iterations(model, images, goal, start, eps / 255.0, step / 255.0, steps, targeted, on_logits)
+    """One run of ``attack`` (its effective step, no restarts): draw the targets, then the start, then iterate.
+    :func:`pgd` and the one-pass robustness curve share it, so they draw the same numbers."""
+    goal = labels if not attack.targeted else (
+        targets if targets is not None else random_targets(labels, num_classes, generator))
+    start = random_start(images, attack.eps / 255.0, attack.clean_start_prob, attack.start_per_example, generator)
+    return pgd_iterations(model, images, goal, start, attack.eps / 255.0, attack.step_taken / 255.0, attack.steps,
+                          attack.targeted, on_logits)
 
 
 def check_pgd_arguments(eps: float, step: float, steps: int, clean_start_prob: float = 0.0, restarts: int = 1,
@@ -190,46 +225,29 @@ def pgd(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    attack: Attack = Attack(),
     *,
-    eps: float = 16.0,
-    step: float = 1.0,
-    steps: int = 10,
-    targeted: bool = True,
     num_classes: int | None = None,
     targets: torch.Tensor | None = None,
-    clean_start_prob: float = 0.0,
-    start_per_example: bool = False,
-    step_rule: str = "fixed",
-    bn_mode: str = "running",
-    fold_bn: bool = True,
-    compile_attack: bool | str = False,
-    restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Adversarial examples for ``images`` (in [0, 1]) under the L-inf ball of radius ``eps``/255.
+    """Adversarial examples for ``images`` (in [0, 1]) under ``attack`` (Section 3: L-inf PGD, eps and step on
+    the 0-255 scale).
 
     Targeted attacks (the paper's protocol) draw a random target other than the label for every example on
     every call (and restart) unless ``targets`` is given; they need ``num_classes``. Each restart starts afresh;
     an example keeps the first restart's result that the model misclassifies (its worst case), else the last.
-    Training uses ``clean_start_prob=0.2``; evaluation always starts at random (0.0). With ``bn_mode='running'``
-    the attack runs a BN-folded view of the model unless ``fold_bn=False`` (same function, fewer operations);
-    ``compile_attack`` runs it through ``torch.compile`` (True, or a mode: 'reduce-overhead' uses CUDA graphs on
-    a GPU; the first call pays the compile time).
     """
-    check_pgd_arguments(eps, step, steps, clean_start_prob, restarts, step_rule, bn_mode)
-    if targeted and targets is None and num_classes is None:
+    if attack.targeted and targets is None and num_classes is None:
         raise ValueError("num_classes=None is not accepted for a targeted attack without targets; give the class count")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images and labels disagree on the batch size ({images.shape[0]} vs {labels.shape[0]})")
-
-    kwargs = dict(eps=eps, step=effective_step(eps, step, steps, step_rule), steps=steps, targeted=targeted,
-                  num_classes=num_classes, targets=targets, clean_start_prob=clean_start_prob,
-                  start_per_example=start_per_example, generator=generator)
     images = images.detach()
     best = None
-    with attack_mode(model, bn_mode, fold_bn, compile_attack) as attacked:
-        for _ in range(restarts):
-            x_adv = attack_once(attacked, images, labels, **kwargs)
+    with attack_mode(model, attack.bn_mode, attack.fold_bn, attack.compile) as attacked:
+        for _ in range(attack.restarts):
+            x_adv = attack_once(attacked, images, labels, attack, num_classes=num_classes, targets=targets,
+                                generator=generator)
             if best is None:
                 best = x_adv
             else:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -123,6 +123,7 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
     images, labels = fashion_batch(batch_size, device)
     goal = attacks.random_targets(labels, NUM_CLASSES, torch.Generator(device).manual_seed(1))
     generator = torch.Generator(device).manual_seed(0)
+    attack = attacks.Attack(eps=16, step=1, steps=steps)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     images_cl = images.contiguous(memory_format=torch.channels_last)
     reference = torchattacks.PGD(model, eps=16 / 255, alpha=1 / 255, steps=steps, random_start=True)
@@ -130,9 +131,8 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
     modes = ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])  # the second: CUDA graphs
     compiled, first_call = {}, {}
     for mode in modes:
-        compiled[mode] = lambda mode=mode: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps,
-                                                       num_classes=NUM_CLASSES, generator=generator,
-                                                       compile_attack=mode)
+        compiled[mode] = lambda mode=mode: attacks.pgd(model, images, labels, replace(attack, compile=mode),
+                                                       num_classes=NUM_CLASSES, generator=generator)
         synchronize(device)
         started = time.perf_counter()
         compiled[mode]()  # the first call compiles
@@ -140,14 +140,13 @@ def attack_rows(arch: str, device: torch.device, batch_size: int, steps: int, re
         first_call[mode] = time.perf_counter() - started
     times = median_seconds({
         "floor": lambda: floor_steps(model, images, goal, steps),
-        "advkit": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
-                                      generator=generator),
+        "advkit": lambda: attacks.pgd(model, images, labels, attack, num_classes=NUM_CLASSES, generator=generator),
         **{f"compiled[{mode}]": fn for mode, fn in compiled.items()},
-        "unfolded": lambda: attacks.pgd(model, images, labels, eps=16, step=1, steps=steps, num_classes=NUM_CLASSES,
-                                        generator=generator, fold_bn=False),
+        "unfolded": lambda: attacks.pgd(model, images, labels, replace(attack, fold_bn=False),
+                                        num_classes=NUM_CLASSES, generator=generator),
         "torchattacks": lambda: reference(images, labels),
-        "channels_last": lambda: attacks.pgd(model_cl, images_cl, labels, eps=16, step=1, steps=steps,
-                                             num_classes=NUM_CLASSES, generator=generator),
+        "channels_last": lambda: attacks.pgd(model_cl, images_cl, labels, attack, num_classes=NUM_CLASSES,
+                                             generator=generator),
     }, repeats, device)
     detail = f"PGD-{steps} batch {batch_size}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
     return [Row("pgd_vs_floor", arch, times["advkit"] / times["floor"], 1.05, detail=detail),
@@ -165,15 +164,16 @@ def curve_row(arch: str, device: torch.device, batch_size: int, checkpoints: lis
     """curve_one_pass: one pass to max(checkpoints) against a separate PGD-N run for every checkpoint N."""
     model = bench_model(arch, device).eval()
     images, labels = fashion_batch(batch_size, device)
-    kwargs = dict(eps=16.0, step=1.0, num_classes=NUM_CLASSES)
+    attack = attacks.Attack(eps=16.0, step=1.0, steps=max(checkpoints))
 
     def separate() -> None:
         for n in checkpoints:
             generator = evaluate.batch_generator(0, 0, device)
-            attacks.pgd(model, images, labels, steps=n, generator=generator, **kwargs)
+            attacks.pgd(model, images, labels, replace(attack, steps=n), num_classes=NUM_CLASSES, generator=generator)
 
     times = median_seconds({
-        "one_pass": lambda: evaluate.curve_batch(model, images, labels, checkpoints=checkpoints, **kwargs),
+        "one_pass": lambda: evaluate.curve_batch(model, images, labels, attack, checkpoints=checkpoints,
+                                                 num_classes=NUM_CLASSES),
         "separate": separate,
     }, repeats, device, warmup=False)  # the attack rows before it ran the same model and shapes
     detail = (f"checkpoints {checkpoints}: one pass {times['one_pass']:.1f} s, separate runs {times['separate']:.1f} s"

@@ -12,6 +12,7 @@ Variance convention: PyTorch keeps the *unbiased* batch variance in ``running_va
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pandas as pd
 import torch
@@ -88,17 +89,12 @@ def figure_statistics(
     layer: str | None = None,
     channels: int = 20,
     seed: int = 0,
-    eps: float = 16.0,
-    step: float = 1.0,
-    steps: int = 10,
-    clean_start_prob: float = 0.0,
-    bn_mode: str = "running",
+    attack: attacks.Attack = attacks.Attack(),
 ) -> pd.DataFrame:
     """Figures 5 and 6 for ``model``: one tidy table with a ``figure`` column.
 
-    ``batches`` are (images in [0, 1], labels) mini-batches; each is attacked (targeted PGD, random start with
-    probability 1 - ``clean_start_prob``, BNs in ``bn_mode`` during the attack, through MBN_adv for Mixture BN:
-    give the run's training attack) and its BN input statistics recorded as ``batch1``, ``batch2``, ... beside
+    ``batches`` are (images in [0, 1], labels) mini-batches; each is attacked with ``attack`` (through MBN_adv
+    for Mixture BN: give the run's training attack) and its BN input statistics recorded as ``batch1``, ``batch2``, ... beside
     the running statistics of the branch that normalised it.
     """
     layer = layer or default_layer(model)
@@ -111,8 +107,7 @@ def figure_statistics(
     generator = torch.Generator(batches[0][0].device).manual_seed(seed)
     with norm.use_branch(model, "adv") if mixture else contextlib.nullcontext():
         for i, (images, labels) in enumerate(batches, start=1):
-            adversarial = attacks.pgd(model, images, labels, eps=eps, step=step, steps=steps, num_classes=num_classes,
-                                      clean_start_prob=clean_start_prob, bn_mode=bn_mode, generator=generator)
+            adversarial = attacks.pgd(model, images, labels, attack, num_classes=num_classes, generator=generator)
             tables.append(batch_statistics(model, layer, adversarial, chosen, source=f"batch{i}")
                           .assign(branch="adv" if mixture else "-", figure=6))
     running = running_statistics(model, layer, chosen)
@@ -139,5 +134,4 @@ def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
             break
     return figure_statistics(model, batches, num_classes=data.DATASETS[cfg.dataset].num_classes,
                              layer=cfg.bnstats_layer, channels=cfg.bnstats_channels, seed=cfg.seed,
-                             eps=cfg.train_eps, step=cfg.train_step, steps=cfg.train_steps,
-                             clean_start_prob=cfg.train_clean_start_prob, bn_mode=cfg.attack_bn_mode)
+                             attack=dataclasses.replace(cfg.training_attack, compile=False))

@@ -35,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .config import config_from_parameters
     from .paths import project_root
+    from .rundir import RunDir
     from .sweep import execute
 
     parameters = {}
@@ -54,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         name = getattr(exc, "ename", type(exc).__name__)
         print(f"advkit run: {name}: {getattr(exc, 'evalue', exc)}", file=sys.stderr)
         return 1
-    print(f"advkit run: done; the executed notebook is {cfg.run_dir / 'experiment.ipynb'}")
+    print(f"advkit run: done; the executed notebook is {RunDir(cfg.run_dir).notebook}")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from . import attacks, autoattack, data, models, paper
 from . import norm as norm_module
 from .paths import resolve_output
-from .rundir import write_atomic
+from .rundir import RunDir, write_atomic
 from .validate import check_choice, check_range
 
 OPTIMIZERS = ("sgd", "rmsprop")
@@ -116,6 +116,20 @@ class Config:
     def evaluation_seed(self) -> int:
         """The seed of the evaluation set and of the attacks' random targets and starts: ``eval_seed``, else ``seed``."""
         return self.seed if self.eval_seed is None else self.eval_seed
+
+    @property
+    def training_attack(self) -> attacks.Attack:
+        """The attack that makes the training images adversarial (``train_*``, ``attack_*``)."""
+        return attacks.Attack(eps=self.train_eps, step=self.train_step, steps=self.train_steps, targeted=True,
+                              clean_start_prob=self.train_clean_start_prob, bn_mode=self.attack_bn_mode,
+                              fold_bn=self.attack_fold_bn, compile=self.attack_compile)
+
+    @property
+    def evaluation_attack(self) -> attacks.Attack:
+        """The evaluation's attack (``eval_*``), run to its longest checkpoint; BN on running statistics."""
+        return attacks.Attack(eps=self.eval_eps, step=self.eval_step, steps=max(self.eval_checkpoints),
+                              targeted=self.eval_targeted, restarts=self.eval_restarts, step_rule=self.eval_step_rule,
+                              fold_bn=self.attack_fold_bn, compile=self.attack_compile)
 
     @property
     def strategy(self) -> str:
@@ -283,9 +297,10 @@ def check_checkpoint_path(path: str) -> None:
     checkpoint (its contents are checked when training loads it, still before the run folder is written)."""
     target = Path(path)
     if target.is_dir():
-        target = target / "checkpoints" / "last.pt"
+        target = RunDir(target).last_checkpoint
         if not target.exists():
-            raise ValueError(f"init_checkpoint={path!r} is not accepted: the folder holds no checkpoints/last.pt; "
+            raise ValueError(f"init_checkpoint={path!r} is not accepted: the folder holds no "
+                             f"{target.relative_to(path)}; "
                              "give a checkpoint file or a run folder that has one")
     if not target.exists():
         raise ValueError(f"init_checkpoint={path!r} does not exist; give a checkpoint file or a run folder")

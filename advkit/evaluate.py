@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,11 @@ def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> 
     return torch.Generator(torch.device(device)).manual_seed(batch_seed(seed, batch_index))
 
 
-def check_curve_arguments(checkpoints: Sequence[int], eps: float, step: float, restarts: int, step_rule: str) -> list[int]:
+def curve_checkpoints(attack: attacks.Attack, checkpoints: Sequence[int] | None) -> list[int]:
+    """The sorted PGD iteration counts a curve records: ``checkpoints``, or ``attack.steps`` alone."""
+    checkpoints = [attack.steps] if checkpoints is None else list(checkpoints)
     if not checkpoints or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in checkpoints):
-        raise ValueError(f"checkpoints={list(checkpoints)!r} is not accepted; give positive PGD iteration counts")
-    attacks.check_pgd_arguments(eps, step, max(checkpoints), restarts=restarts, step_rule=step_rule)
+        raise ValueError(f"checkpoints={checkpoints!r} is not accepted; give positive PGD iteration counts")
     return sorted(set(checkpoints))
 
 
@@ -54,68 +56,99 @@ def curve_batch(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    attack: attacks.Attack,
     *,
-    checkpoints: Sequence[int] = paper.PGD_CHECKPOINTS,
-    eps: float = 16.0,
-    step: float = 1.0,
-    targeted: bool = True,
-    restarts: int = 1,
-    step_rule: str = "fixed",
+    checkpoints: Sequence[int] | None = None,
     num_classes: int | None = None,
     seed: int = 0,
     batch_index: int = 0,
-    fold_bn: bool = True,
-    compile_attack: bool | str = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example correctness at every checkpoint: (final-iterate, worst-iterate), each (len(checkpoints), B).
+    """Per-example correctness under PGD-n of ``attack`` for every n in ``checkpoints`` (default: its ``steps``):
+    (final-iterate, worst-iterate), each (len(checkpoints), B). BN runs on running statistics.
 
     Checkpoints that share an effective step (all of them with the fixed rule) come from one pass; under
     ``step_rule='max_eps_over_steps'`` the short checkpoints whose step is raised get their own runs, each
     starting from the same draws. Restarts: an example is correct only if it survives every restart.
-    ``fold_bn``: attack the BN-folded view of the model (the same function, faster; see :mod:`advkit.fold`);
-    ``compile_attack``: through ``torch.compile`` (True or a mode, see :data:`attacks.COMPILE_MODES`).
     """
-    checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
+    checkpoints = curve_checkpoints(attack, checkpoints)
     groups: dict[float, list[int]] = {}
     for n in checkpoints:
-        groups.setdefault(attacks.effective_step(eps, step, n, step_rule), []).append(n)
+        groups.setdefault(attacks.effective_step(attack.eps, attack.step, n, attack.step_rule), []).append(n)
     position = {n: i for i, n in enumerate(checkpoints)}
     final = torch.ones(len(checkpoints), len(labels), dtype=torch.bool, device=labels.device)
     worst = final.clone()
-    with attacks.attack_mode(model, "running", fold_bn, compile_attack) as attacked:
+    with attacks.attack_mode(model, "running", attack.fold_bn, attack.compile) as attacked:
         for group_step, group in groups.items():
+            run = dataclasses.replace(attack, step=group_step, steps=max(group), step_rule="fixed",
+                                      clean_start_prob=0.0)
             generator = batch_generator(seed, batch_index, images.device)
-            wanted = set(group)
-            for _ in range(restarts):
+            for _ in range(attack.restarts):
                 never_broken = torch.ones_like(labels, dtype=torch.bool)
 
                 def record(i: int, logits: torch.Tensor) -> None:
                     correct = logits.argmax(1) == labels
                     never_broken.logical_and_(correct)
-                    if i in wanted:
+                    if i in group:
                         final[position[i]] &= correct
                         worst[position[i]] &= never_broken
 
-                x_last = attacks.attack_once(
-                    attacked, images, labels, eps=eps, step=group_step, steps=max(group), targeted=targeted,
-                    num_classes=num_classes, targets=None, clean_start_prob=0.0, start_per_example=False,
-                    generator=generator, on_logits=record)
+                x_last = attacks.attack_once(attacked, images, labels, run, num_classes=num_classes, targets=None,
+                                             generator=generator, on_logits=record)
                 with torch.no_grad():
                     record(max(group), attacked(x_last))
     return final, worst
 
 
+def evaluate_batches(
+    loader: torch.utils.data.DataLoader,
+    compute: Callable[[int, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    *,
+    n: int | None = None,
+    save_dir: str | Path | None = None,
+    show_progress: bool = False,
+    desc: str = "evaluation",
+) -> list[dict[str, torch.Tensor]]:
+    """``compute(batch_index, images, labels)`` for every batch of ``loader`` (its first ``n`` images), in order.
+
+    With ``save_dir`` every batch's result is saved as it completes and reused when the same evaluation runs
+    again, so an interrupted evaluation resumes from its saved batches (a damaged file is computed again).
+    Under torchrun each rank computes every world_size-th batch and the results are gathered exactly, in order,
+    on every rank."""
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)  # every rank: exist_ok makes the race harmless
+    ctx = distributed.context()
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    seen = 0
+    for batch_index, (images, labels) in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
+        if n is not None:
+            if seen >= n:
+                break
+            images, labels = images[:n - seen], labels[:n - seen]
+            seen += len(labels)
+        if batch_index % ctx.world_size != ctx.rank:  # under torchrun: every rank its share, none dropped
+            continue
+        saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
+        loaded = load_saved_batch(saved) if saved is not None and saved.exists() else None
+        if loaded is not None:
+            mine[batch_index] = loaded
+            continue
+        mine[batch_index] = {k: v.cpu() for k, v in compute(batch_index, images, labels).items()}
+        if saved is not None:
+            tmp = saved.with_suffix(f".tmp{ctx.rank}")
+            torch.save(mine[batch_index], tmp)
+            tmp.replace(saved)
+    results = {i: r for part in distributed.gather(mine, ctx) for i, r in part.items()}
+    return [results[i] for i in sorted(results)]
+
+
 def robustness_curve(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
+    attack: attacks.Attack,
     *,
     num_classes: int,
-    checkpoints: Sequence[int] = paper.PGD_CHECKPOINTS,
-    eps: float = 16.0,
-    step: float = 1.0,
-    targeted: bool = True,
-    restarts: int = 1,
-    step_rule: str = "fixed",
+    checkpoints: Sequence[int] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
@@ -123,47 +156,26 @@ def robustness_curve(
     save_dir: str | Path | None = None,
     show_progress: bool = False,
     desc: str = "curve",
-    fold_bn: bool = True,
-    compile_attack: bool | str = False,
 ) -> dict[str, np.ndarray]:
-    """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` at each checkpoint.
+    """Clean, final-iterate and worst-iterate correctness of every example of ``loader`` under PGD-n of
+    ``attack`` for each n in ``checkpoints`` (Section 5's curves, PGD-10 to PGD-2000, from one pass).
 
     Returns numpy arrays ``clean`` (n,), ``final`` and ``worst`` (len(checkpoints), n), ``labels`` (n,),
-    ``checkpoints``. With ``save_dir`` every batch's result is saved as it completes and reused when the same
-    evaluation runs again, so an interrupted evaluation resumes from its saved batches. Under torchrun each
-    rank attacks every world_size-th batch and the results are gathered exactly, in order, on every rank.
-    """
-    checkpoints = check_curve_arguments(checkpoints, eps, step, restarts, step_rule)
+    ``checkpoints``. Batches are seeded with :func:`batch_seed`; ``save_dir``, resuming and torchrun as in
+    :func:`evaluate_batches`."""
+    checkpoints = curve_checkpoints(attack, checkpoints)
     autocast_ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)  # every rank: exist_ok makes the race harmless
-    ctx = distributed.context()
-    mine: dict[int, dict[str, torch.Tensor]] = {}
-    for batch_index, batch in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
-        if batch_index % ctx.world_size != ctx.rank:  # under torchrun: every rank its share, none dropped
-            continue
-        saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
-        if saved is not None and saved.exists():
-            loaded = load_saved_batch(saved)
-            if loaded is not None:
-                mine[batch_index] = loaded
-                continue
-        images, labels = data.to_device(batch, device, channels_last)
+
+    def compute(batch_index: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        images, labels = data.to_device((images, labels), device, channels_last)
         with autocast_ctx:
             with torch.no_grad(), attacks.attack_mode(model):
                 clean = model(images).argmax(1) == labels
-            final, worst = curve_batch(model, images, labels, checkpoints=checkpoints, eps=eps, step=step,
-                                       targeted=targeted, restarts=restarts, step_rule=step_rule,
-                                       num_classes=num_classes, seed=seed, batch_index=batch_index, fold_bn=fold_bn,
-                                       compile_attack=compile_attack)
-        mine[batch_index] = {"clean": clean.cpu(), "final": final.cpu(), "worst": worst.cpu(), "labels": labels.cpu()}
-        if saved is not None:
-            tmp = saved.with_suffix(f".tmp{ctx.rank}")
-            torch.save(mine[batch_index], tmp)
-            tmp.replace(saved)
-    results = {i: r for part in distributed.gather(mine, ctx) for i, r in part.items()}
-    ordered = [results[i] for i in sorted(results)]
+            final, worst = curve_batch(model, images, labels, attack, checkpoints=checkpoints,
+                                       num_classes=num_classes, seed=seed, batch_index=batch_index)
+        return {"clean": clean, "final": final, "worst": worst, "labels": labels}
+
+    ordered = evaluate_batches(loader, compute, save_dir=save_dir, show_progress=show_progress, desc=desc)
     return {"clean": torch.cat([r["clean"] for r in ordered]).numpy(),
             "final": torch.cat([r["final"] for r in ordered], 1).numpy(),
             "worst": torch.cat([r["worst"] for r in ordered], 1).numpy(),
@@ -224,12 +236,10 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
         folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             curve = robustness_curve(
-                model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=cfg.eval_checkpoints,
-                eps=cfg.eval_eps, step=cfg.eval_step, targeted=cfg.eval_targeted, restarts=cfg.eval_restarts,
-                step_rule=cfg.eval_step_rule, seed=cfg.evaluation_seed, device=device,
+                model, loader, cfg.evaluation_attack, num_classes=data.DATASETS[cfg.dataset].num_classes,
+                checkpoints=cfg.eval_checkpoints, seed=cfg.evaluation_seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
-                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}",
-                fold_bn=cfg.attack_fold_bn, compile_attack=cfg.attack_compile)
+                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} PGD-{max(cfg.eval_checkpoints)}")
         if distributed.context().main:
             np.savez_compressed(folder / "examples.npz", **curve)
         tables.append(curve_table(curve, branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps,
@@ -245,19 +255,18 @@ def sanity_checks(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    attack: attacks.Attack = attacks.Attack(),
     *,
     num_classes: int,
     checkpoints: Sequence[int] = (1, 2, 5, 10, 20),
-    eps: float = 16.0,
-    step: float = 1.0,
     seed: int = 0,
     undefended: bool = False,
-    fold_bn: bool = True,
 ) -> pd.DataFrame:
     """Checks against a broken evaluation, each computed from what the kit's attack produced, each able to fail.
 
-    The attack checked is the paper's protocol (Section 3: targeted L-inf PGD, random target, random start), run as
-    the evaluation runs it (:func:`curve_batch`, the draws of batch 0); the reference is the model as it is
+    The attack checked is the paper's protocol (Section 3: targeted L-inf PGD, random target, random start) at
+    ``attack``'s eps, step and BN folding (one restart, fixed step), run as the evaluation runs it
+    (:func:`curve_batch`, the draws of batch 0); the reference is the model as it is
     evaluated: eval mode, its selected MBN branch, unfolded, fp32 (TF32 off). Rows (check, passed, value, expected):
 
     - eps 0 gives the clean prediction of every example at every checkpoint (a start or step that ignores eps);
@@ -276,26 +285,26 @@ def sanity_checks(
     - ``undefended`` (clean-trained) model: untargeted PGD brings accuracy below 5%;
     - the model's weights, BN buffers, train flags, ``requires_grad`` flags and MBN branch are left unchanged.
     """
-    checkpoints = check_curve_arguments(checkpoints, eps, step, 1, "fixed")
+    attack = dataclasses.replace(attack, targeted=True, restarts=1, step_rule="fixed", clean_start_prob=0.0,
+                                 compile=False, steps=max(curve_checkpoints(attack, checkpoints)))
+    checkpoints, eps = curve_checkpoints(attack, checkpoints), attack.eps
     before = _model_state(model)
-    kw = dict(num_classes=num_classes, checkpoints=checkpoints, step=step, seed=seed, fold_bn=fold_bn)
+    kw = dict(num_classes=num_classes, checkpoints=checkpoints, seed=seed)
     with _exact_fp32():
-        rows = [_eps_zero_row(model, images, labels, curve_batch(model, images, labels, eps=0.0, **kw))]
-        final, worst = curve_batch(model, images, labels, eps=eps, **kw)
-        seen = _observed_attack(model, images, labels, eps=eps, step=step, steps=max(checkpoints),
-                                num_classes=num_classes, seed=seed, fold_bn=fold_bn)
+        rows = [_eps_zero_row(model, images, labels, curve_batch(model, images, labels,
+                                                                 dataclasses.replace(attack, eps=0.0), **kw))]
+        final, worst = curve_batch(model, images, labels, attack, **kw)
+        seen = _observed_attack(model, images, labels, attack, num_classes=num_classes, seed=seed)
         targets, start = _protocol_draws(images, labels, eps, num_classes, seed)
-        rows += _model_rows(model, seen)
-        rows += _geometry_rows(images, seen, eps)
-        rows += _start_rows(images, seen, start)
+        rows += _model_rows(model, seen) + _geometry_rows(images, seen, eps) + _start_rows(images, seen, start)
         rows += _targeted_rows(model, seen, targets, num_classes)
-        plain_final, plain_worst = _plain_pgd(model, images, labels, targets, start, eps=eps, step=step,
+        plain_final, plain_worst = _plain_pgd(model, images, labels, targets, start, eps=eps, step=attack.step,
                                               checkpoints=checkpoints)
         rows.append(_agreement_row("agrees with a plain targeted PGD (same targets, starts)", torch.cat([worst, final]),
                                    torch.cat([plain_worst, plain_final]), "final and worst iterate, every checkpoint"))
-        untargeted, _ = curve_batch(model, images, labels, eps=eps, targeted=False, **kw)
-        rows.append(_torchattacks_row(model, images, labels, untargeted[-1], eps=eps, step=step,
-                                      steps=max(checkpoints), seed=seed))
+        untargeted, _ = curve_batch(model, images, labels, dataclasses.replace(attack, targeted=False), **kw)
+        rows.append(_torchattacks_row(model, images, labels, untargeted[-1], eps=eps, step=attack.step,
+                                      steps=attack.steps, seed=seed))
         if undefended:
             acc = _mean(untargeted[-1])
             rows.append(_row("undefended model falls to ~0% (untargeted)", acc < 0.05, f"{acc:.4f}", "< 0.05"))
@@ -315,9 +324,9 @@ def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     tables = []
     for branch in list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]:
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
-            table = sanity_checks(model, images, labels, num_classes=data.DATASETS[cfg.dataset].num_classes,
-                                  checkpoints=checkpoints, eps=cfg.eval_eps, step=cfg.eval_step, seed=cfg.evaluation_seed,
-                                  undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn, fold_bn=cfg.attack_fold_bn)
+            table = sanity_checks(model, images, labels, cfg.evaluation_attack,
+                                  num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=checkpoints,
+                                  seed=cfg.evaluation_seed, undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn)
         tables.append(table.assign(branch=branch))
     return pd.concat(tables, ignore_index=True)
 
@@ -389,23 +398,20 @@ def _same(a: object, b: object) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def _observed_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step: float,
-                     steps: int, num_classes: int, seed: int, fold_bn: bool) -> dict[str, torch.Tensor]:
-    """The kit's targeted attack of batch 0, run as :func:`curve_batch` runs it, observed: its start (the same call
-    with 0 steps), its final iterate, and the logits it computed for both."""
+def _observed_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: attacks.Attack, *,
+                     num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """The kit's targeted ``attack`` of batch 0, run as :func:`curve_batch` runs it, observed: its start (the same
+    call with 0 steps), its final iterate, and the logits it computed for both."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(i: int, logits: torch.Tensor) -> None:
         if i == 0:
             seen["start logits"] = logits
 
-    kw = dict(eps=eps, step=step, targeted=True, num_classes=num_classes, targets=None, clean_start_prob=0.0,
-              start_per_example=False)
-    with attacks.attack_mode(model, "running", fold_bn) as attacked:
-        seen["start"] = attacks.attack_once(attacked, images, labels, steps=0,
-                                            generator=batch_generator(seed, 0, images.device), **kw)
-        seen["adv"] = attacks.attack_once(attacked, images, labels, steps=steps, on_logits=record,
-                                          generator=batch_generator(seed, 0, images.device), **kw)
+    with attacks.attack_mode(model, "running", attack.fold_bn) as attacked:
+        for name, run, hook in (("start", dataclasses.replace(attack, steps=0), None), ("adv", attack, record)):
+            seen[name] = attacks.attack_once(attacked, images, labels, run, num_classes=num_classes, targets=None,
+                                             generator=batch_generator(seed, 0, images.device), on_logits=hook)
         with torch.no_grad():
             seen["adv logits"] = attacked(seen["adv"])
     return seen
@@ -532,12 +538,10 @@ def _torchattacks_row(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 def autoattack_curve(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
+    reference: attacks.Attack,
     *,
     num_classes: int,
     n: int,
-    eps: float = 16.0,
-    pgd_step: float = 1.0,
-    n_iter: int = autoattack.REFERENCE_ITERATIONS,
     seed: int = 0,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
@@ -545,51 +549,29 @@ def autoattack_curve(
     save_dir: str | Path | None = None,
     show_progress: bool = False,
     desc: str = "AutoAttack",
-    fold_bn: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-example correctness of the first ``n`` images of ``loader`` under AutoAttack (see
-    :mod:`advkit.autoattack`): arrays ``clean``, ``apgd-ce``, ``apgd-t``, ``autoattack`` (robust against both),
-    ``pgd_untargeted`` (untargeted PGD-``n_iter`` with step ``pgd_step``, worst iterate: the reference of
-    :func:`autoattack_vs_pgd_check`) and ``labels``, each (n,). Every batch is seeded with :func:`batch_seed`,
-    saved into ``save_dir`` as it completes and reused when the same evaluation runs again; under torchrun each
-    rank attacks every world_size-th batch, as in :func:`robustness_curve`."""
+    :mod:`advkit.autoattack`) at ``reference.eps``, ``reference.steps`` iterations, and under ``reference``
+    itself, an untargeted PGD (the yardstick of :func:`autoattack_vs_pgd_check`). Arrays ``clean``, ``apgd-ce``,
+    ``apgd-t``, ``autoattack`` (robust against both), ``pgd_untargeted`` (worst iterate) and ``labels``, each
+    (n,). Batches are seeded with :func:`batch_seed`; ``save_dir``, resuming and torchrun as in
+    :func:`evaluate_batches`."""
     check_range("n", n, 1, integer=True)
-    autoattack.check_autoattack_arguments(eps, num_classes, n_iter)
-    attacks.check_pgd_arguments(eps, pgd_step, n_iter)
+    if reference.targeted:
+        raise ValueError("reference.targeted=True is not accepted: AutoAttack is checked against untargeted PGD")
+    autoattack.check_autoattack_arguments(reference.eps, num_classes, reference.steps)
     autocast_ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-    ctx = distributed.context()
-    mine: dict[int, dict[str, torch.Tensor]] = {}
-    seen = 0
-    for batch_index, (images, labels) in enumerate(tqdm(loader, desc=desc, disable=not show_progress, leave=False)):
-        if seen >= n:
-            break
-        take = min(n - seen, len(labels))
-        seen += take
-        if batch_index % ctx.world_size != ctx.rank:
-            continue
-        saved = save_dir / f"batch_{batch_index:06d}.pt" if save_dir is not None else None
-        if saved is not None and saved.exists():
-            loaded = load_saved_batch(saved)
-            if loaded is not None:
-                mine[batch_index] = loaded
-                continue
-        images, labels = data.to_device((images[:take], labels[:take]), device, channels_last)
+
+    def compute(batch_index: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        images, labels = data.to_device((images, labels), device, channels_last)
         with autocast_ctx:
-            result = autoattack.autoattack_batch(model, images, labels, eps=eps, num_classes=num_classes,
-                                                 seed=batch_seed(seed, batch_index), n_iter=n_iter, fold_bn=fold_bn)
-            _, worst = curve_batch(model, images, labels, checkpoints=[n_iter], eps=eps, step=pgd_step,
-                                   targeted=False, seed=seed, batch_index=batch_index, fold_bn=fold_bn)
-        result |= {"pgd_untargeted": worst[0], "labels": labels}
-        mine[batch_index] = {k: v.cpu() for k, v in result.items()}
-        if saved is not None:
-            tmp = saved.with_suffix(f".tmp{ctx.rank}")
-            torch.save(mine[batch_index], tmp)
-            tmp.replace(saved)
-    results = {i: r for part in distributed.gather(mine, ctx) for i, r in part.items()}
-    ordered = [results[i] for i in sorted(results)]
+            result = autoattack.autoattack_batch(model, images, labels, eps=reference.eps, num_classes=num_classes,
+                                                 seed=batch_seed(seed, batch_index), n_iter=reference.steps,
+                                                 fold_bn=reference.fold_bn)
+            _, worst = curve_batch(model, images, labels, reference, seed=seed, batch_index=batch_index)
+        return result | {"pgd_untargeted": worst[0], "labels": labels}
+
+    ordered = evaluate_batches(loader, compute, n=n, save_dir=save_dir, show_progress=show_progress, desc=desc)
     return {key: torch.cat([r[key] for r in ordered]).numpy() for key in ordered[0]}
 
 
@@ -626,6 +608,8 @@ def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_ite
     to ``<run>/eval/autoattack/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
     ``n_iter``: None is AutoAttack's reference (:data:`advkit.autoattack.REFERENCE_ITERATIONS`)."""
     n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
+    reference = attacks.Attack(eps=cfg.eval_eps, step=cfg.eval_step, steps=n_iter, targeted=False,
+                               fold_bn=cfg.attack_fold_bn)
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
@@ -634,11 +618,10 @@ def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_ite
     for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main).items():
         with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
             result = autoattack_curve(
-                model, loader, num_classes=data.DATASETS[cfg.dataset].num_classes, n=cfg.eval_autoattack_n,
-                eps=cfg.eval_eps, pgd_step=cfg.eval_step, n_iter=n_iter, seed=cfg.evaluation_seed, device=device,
+                model, loader, reference, num_classes=data.DATASETS[cfg.dataset].num_classes,
+                n=cfg.eval_autoattack_n, seed=cfg.evaluation_seed, device=device,
                 channels_last=uses_channels_last(cfg, device), autocast_ctx=eval_autocast(cfg, device),
-                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} AutoAttack",
-                fold_bn=cfg.attack_fold_bn)
+                save_dir=folder / "batches", show_progress=show_progress, desc=f"{branch} AutoAttack")
         if ctx.main:
             np.savez_compressed(folder / "examples.npz", **result)
         tables.append(autoattack_table(result, n_iter=n_iter, branch=branch, eps=cfg.eval_eps, seed=cfg.seed,

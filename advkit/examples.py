@@ -109,8 +109,8 @@ def adversarial_examples(run_dir: str | Path, branch: str | None = None, n_image
     if n_images > len(labels):
         raise ValueError(f"n_images={n_images} is not accepted: the run's first evaluation batch holds "
                          f"{len(labels)} images; choose 1 to {len(labels)}")
-    steps = max(cfg.eval_checkpoints)
-    step = attacks.effective_step(cfg.eval_eps, cfg.eval_step, steps, cfg.eval_step_rule)
+    attack = cfg.evaluation_attack
+    steps, step = attack.steps, attack.step_taken
     generator = evaluate.batch_generator(cfg.evaluation_seed, 0, device)  # the evaluation's draws for batch 0
     targets = attacks.random_targets(labels, num_classes, generator) if cfg.eval_targeted else None
     keep_inputs = n_images * (steps + 1) * images[0].numel() <= MAX_STORED_VALUES
@@ -118,9 +118,8 @@ def adversarial_examples(run_dir: str | Path, branch: str | None = None, n_image
         clean_predictions = model(images).argmax(1)[:n_images]
     with attacks.attack_mode(model, "running", cfg.attack_fold_bn) as attacked:
         recorder = _Recorder(attacked, n_images, keep_inputs)
-        final = attacks.attack_once(recorder, images, labels, eps=cfg.eval_eps, step=step, steps=steps,
-                                    targeted=cfg.eval_targeted, num_classes=num_classes, targets=targets,
-                                    clean_start_prob=0.0, start_per_example=False, generator=generator)
+        final = attacks.attack_once(recorder, images, labels, attack, num_classes=num_classes, targets=targets,
+                                    generator=generator)
         with torch.no_grad():
             recorder(final)
     k = slice(0, n_images)

@@ -1,4 +1,5 @@
-"""BN folding: a BN in running-statistics mode after a convolution is an affine map per channel, so the pair is
+"""BN folding, a speed-up of the paper's protocol (Section 3: the attacks run the model on BN running statistics,
+as the original pipeline does): a BN in running-statistics mode after a convolution is an affine map per channel, so the pair is
 one convolution with scaled weights and a bias. An attack that uses running statistics (every evaluation, and
 training attacks by default) runs such a folded view: the same function with one layer less per pair, in the
 forward and the backward pass.

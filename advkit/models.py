@@ -2,8 +2,8 @@
 
 Two families:
 
-* ``resnet{50,101,152,200,338,518,638}``: the ImageNet bottleneck ResNets (7x7 stem, max-pool, 4 stages).
-  The paper gives only block totals for the deep ones (ResNet-338/518/638 have 112/172/212 blocks,
+* ``resnet{50,101,152,200,338,518,638}``: the ImageNet bottleneck ResNets (7x7 stem, max-pool, 4 stages) of
+  the paper's Section 5, "exploring the impact of network capacity". The paper gives only block totals for the deep ones (ResNet-338/518/638 have 112/172/212 blocks,
   depth = 3 x blocks + 2). **Assumption of this kit**: stages 1 and 4 keep 3 blocks, and the rest is
   split between stages 2 and 3 in ResNet-200's 2:3 ratio: 338 = [3, 42, 64, 3], 518 = [3, 66, 100, 3],
   638 = [3, 82, 124, 3]. Pass ``blocks=[...]`` to build another split.

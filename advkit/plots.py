@@ -377,7 +377,7 @@ def training_curves(metrics: pd.DataFrame) -> plt.Figure:
 # ---------------------------------------------------------------- the explorer's panels (notebooks/explore.ipynb)
 
 GREYS = ("0.35", "0.55", "0.7", "0.45", "0.8", "0.6")
-VERDICT_COLORS = {"reproduced": "tab:green", "contradicted": "tab:red"}
+VERDICT_COLORS = {"holds": "tab:green", "reversed": "tab:red", "no effect larger than 2 points": "tab:blue"}
 
 
 def _legend_outside(ax: plt.Axes, **kwargs) -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import paper
 from .paths import project_root, resolve_output
+from .rundir import RunDir
 
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
@@ -29,7 +31,7 @@ SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps"
           "worst_accuracy", "n"]
 PAPER_PROTOCOL = ("clean", "pgd")  # the paper's attacks; AutoAttack's rows are 'apgd-ce', 'apgd-t', 'autoattack'
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
-                  "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed"]
+                  "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed", "n_train"]
 RESULT_COLUMNS = ["branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
                   "worst_accuracy", "n", "seed"]  # results.csv as evaluate.curve_table writes it
 BNSTATS_COLUMNS = ["figure", "layer", "branch", "channel", "source", "statistic", "value"]
@@ -45,13 +47,6 @@ def attack_column(frame: pd.DataFrame) -> pd.Series:
 def paper_protocol(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of the paper's protocol (clean and PGD), without AutoAttack's."""
     return frame[attack_column(frame).isin(PAPER_PROTOCOL)]
-
-
-def strategy_label(adv_ratio: float, clean_ratio: float, alp: bool = False) -> str:
-    """The paper's name of a strategy: '100% adv + 20% clean, ALP', '0% adv + 100% clean'."""
-    if adv_ratio == 0:
-        return "0% adv + 100% clean"
-    return f"100% adv + {clean_ratio * 100:g}% clean" + (", ALP" if alp else "")
 
 
 class DamagedRunError(ValueError):
@@ -98,7 +93,7 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The per-epoch records of ``metrics.jsonl``, one JSON object a line."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
@@ -113,7 +108,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def read_status(run_dir: Path) -> dict:
     """``status.json`` of a run; ``{'state': 'unknown'}`` without one."""
-    path = Path(run_dir) / "status.json"
+    path = RunDir(run_dir).status_file
     if not path.exists():
         return {"state": "unknown"}
     status = read_json(path, ["state"])
@@ -128,16 +123,17 @@ def run_status(run_dir: Path) -> str:
 
 
 def _run_dirs(root: str | Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).glob("**/config.json"))
+    return [folder.path for folder in RunDir.find(root)]
 
 
 def _read_finished(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
     """Config, results and BN statistics (None without them) of a run whose status is 'done'."""
-    config = read_json(run_dir / "config.json", CONFIG_COLUMNS)
-    if not (run_dir / "results.csv").exists():
-        raise _damaged(run_dir / "results.csv", "missing, though status.json says 'done'")
-    table = read_table(run_dir / "results.csv", RESULT_COLUMNS)
-    path = run_dir / "bnstats.csv"
+    folder = RunDir(run_dir)
+    config = read_json(folder.config_file, CONFIG_COLUMNS)
+    if not folder.results_file.exists():
+        raise _damaged(folder.results_file, f"missing, though {folder.status_file.name} says 'done'")
+    table = read_table(folder.results_file, RESULT_COLUMNS)
+    path = folder.bnstats_file
     bnstats = read_table(path, BNSTATS_COLUMNS) if path.exists() and path.stat().st_size > 1 else None
     return config, table, bnstats
 
@@ -222,7 +218,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                      batch_size=r["batch_size"], train_steps=r["train_pgd_steps"], eps=16.0, adv_ratio=1.0,
                      clean_ratio=r["clean_ratio"], norm=norm, branch=branch, alp=bool(r["alp"]),
                      running_stats=bool(r["running_stats"]), finetune_bn=False, seed=np.nan,
-                     strategy=strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
+                     strategy=paper.strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
         for column, steps in [("clean", 0), ("pgd10", 10), ("pgd20", 20), ("pgd100", 100), ("pgd500", 500),
                               ("pgd2000", 2000)]:
             rows.append(model | dict(attack="pgd" if steps else "clean", steps=steps, accuracy=r[column],
@@ -234,7 +230,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
         rows.append(dict(source="paper", run=f"clean-{i + 1}", dataset="imagenet", arch=r["network"],
                          batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, eps=16.0, adv_ratio=r["adv_ratio"],
                          clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
-                         finetune_bn=False, seed=np.nan, strategy=strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
+                         finetune_bn=False, seed=np.nan, strategy=paper.strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
                          attack="clean", steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
     return pd.DataFrame(rows)[SCHEMA]
 

@@ -79,6 +79,11 @@ class RunDir:
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
 
+    @staticmethod
+    def find(root: str | Path) -> list[RunDir]:
+        """Every run folder under ``root`` (a folder holding a config.json), sorted by path."""
+        return [RunDir(p.parent) for p in sorted(Path(root).glob("**/config.json"))]
+
     # ---------------------------------------------------------------- names
     @property
     def name(self) -> str:

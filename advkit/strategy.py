@@ -86,11 +86,8 @@ def training_loss(
 
     t0 = time.perf_counter()
     with norm.use_branch(model, "adv") if norm.has_mixture_bn(model) else contextlib.nullcontext(), autocast_ctx:
-        adversarial = attacks.pgd(
-            model, images, labels, eps=cfg.train_eps, step=cfg.train_step, steps=cfg.train_steps,
-            targeted=True, num_classes=data.DATASETS[cfg.dataset].num_classes,
-            clean_start_prob=cfg.train_clean_start_prob, bn_mode=cfg.attack_bn_mode,
-            fold_bn=cfg.attack_fold_bn, compile_attack=cfg.attack_compile, generator=generator)
+        adversarial = attacks.pgd(model, images, labels, cfg.training_attack,
+                                  num_classes=data.DATASETS[cfg.dataset].num_classes, generator=generator)
     stats["attack_seconds"] = time.perf_counter() - t0
     n_keep = round(cfg.clean_ratio * len(labels))
     keep = torch.randperm(len(labels), generator=generator, device=generator.device)[:n_keep].to(labels.device)

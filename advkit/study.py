@@ -19,14 +19,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import paper
 from .paths import project_root
-from .plots import save
-from .results import DamagedRunError, load_bnstats, load_runs, paper_protocol, read_metrics
+from .plots import VERDICT_COLORS, save
+from .rundir import RunDir
+from .results import DamagedRunError, attack_column, load_bnstats, load_runs, read_metrics
 
 TABLES_DIR = project_root() / "data" / "results" / "study"
 RUN_COLUMNS = ["sweep", "run", "setting", "seed", "arch", "norm", "strategy", "adv_ratio", "clean_ratio",
-               "running_stats_epochs", "finetune_bn", "train_steps", "train_eps", "branch", "eps", "step", "steps",
-               "accuracy", "worst_accuracy", "n"]
+               "running_stats_epochs", "finetune_bn", "train_steps", "train_eps", "n_train", "epochs", "branch",
+               "attack", "eps", "step", "steps", "accuracy", "worst_accuracy", "n", "weights", "precision", "device",
+               "code"]  # code: the commit that trained the run (environment.json); weights: their digest
 BNSTATS_COLUMNS = ["sweep", "run", "setting", "seed", "figure", "layer", "branch", "channel", "source", "statistic",
                    "value"]
 BNSTATS_SETTINGS = ("adv-clean0", "adv-clean100-mbn")  # Figure 6 and Figure 5 (C9); kept small for git
@@ -43,6 +46,8 @@ def _merge(new: pd.DataFrame, path: Path, keys: list[str]) -> pd.DataFrame:
     """``new`` plus the rows of the table at ``path`` whose ``keys`` are not in ``new`` (earlier exports)."""
     if path.exists() and path.stat().st_size > 0:
         old = pd.read_csv(path)
+        if "attack" in keys and "attack" not in old:  # written before AutoAttack rows were kept
+            old = old.assign(attack=attack_of(old))
         if not new.empty:
             fresh = set(map(tuple, new[keys].astype(str).values))
             old = old[[tuple(k) not in fresh for k in old[keys].astype(str).values]]
@@ -58,13 +63,16 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_runs(runs_root)
     if not loaded.empty:
-        loaded = paper_protocol(loaded)  # AutoAttack's rows stay in each run's results.csv
+        code = {d: RunDir(d).read_json(RunDir(d).environment_file).get("code") if RunDir(d).environment_file.exists()
+                else None for d in loaded["run_dir"].unique()}
         runs = loaded.assign(sweep=[Path(d).parent.name for d in loaded["run_dir"]], run=loaded["name"],
                              setting=loaded["name"].map(setting_of), accuracy=loaded["accuracy"] * 100,
-                             worst_accuracy=loaded["worst_accuracy"] * 100)[RUN_COLUMNS]
+                             worst_accuracy=loaded["worst_accuracy"] * 100, attack=attack_column(loaded),
+                             code=loaded["run_dir"].map(code))
+        runs = runs.reindex(columns=RUN_COLUMNS)
     else:
         runs = pd.DataFrame(columns=RUN_COLUMNS)
-    tables = {"runs": _merge(runs, out_dir / "runs.csv", ["sweep", "run", "branch", "steps"])}
+    tables = {"runs": _merge(runs, out_dir / "runs.csv", ["sweep", "run", "branch", "attack", "steps"])}
 
     bnstats = load_bnstats(runs_root)
     if not bnstats.empty:
@@ -77,7 +85,7 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
     rows = []
     for run_dir in sorted({Path(d) for d in loaded["run_dir"]}):
         try:
-            records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            records = read_metrics(run_dir) if RunDir(run_dir).metrics_file.exists() else []
         except DamagedRunError as exc:  # its results are sound; only its training curve is left out
             warnings.warn(f"training.csv leaves out {exc}", stacklevel=2)
             continue
@@ -96,6 +104,63 @@ def load(out_dir: str | Path = TABLES_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
     return read("runs.csv", RUN_COLUMNS), read("bnstats.csv", BNSTATS_COLUMNS)
 
 
+# ---------------------------------------------------------------- the paper's own effects
+
+def paper_effects(folder: str | Path = paper.NUMBERS_DIR) -> dict[str, tuple[float, str]]:
+    """Each claim's effect in the paper (percentage points) and how it is computed, from the paper's tables in
+    ``data/paper`` (ResNet-152, batch 4096, PGD-30 training, targeted PGD-2000 unless said)."""
+    table7 = pd.read_csv(paper.numbers_file("table7.csv", folder))
+    clean = pd.read_csv(paper.numbers_file("clean_training.csv", folder))
+    text = pd.read_csv(paper.numbers_file("section_numbers.csv", folder))
+
+    def t7(column: str = "pgd2000", *, network: str = "resnet152", steps: int = 30, clean_ratio: float = 1.0,
+           norm: str = "bn", running_stats: int = 0) -> float:
+        rows = table7[(table7["network"] == network) & (table7["batch_size"] == 4096)
+                      & (table7["train_pgd_steps"] == steps) & (table7["clean_ratio"] == clean_ratio)
+                      & (table7["norm"] == norm) & (table7["alp"] == 0) & (table7["running_stats"] == running_stats)]
+        if len(rows) != 1:
+            raise ValueError(f"table7.csv holds {len(rows)} rows for {network}, PGD-{steps}, {clean_ratio:g} clean, "
+                             f"{norm}, running_stats={running_stats}; expected one")
+        return float(rows[column].iloc[0])
+
+    def one(frame: pd.DataFrame, **where) -> float:
+        rows = frame.loc[np.logical_and.reduce([frame[k] == v for k, v in where.items()])]
+        if len(rows) != 1:
+            raise ValueError(f"the paper's tables hold {len(rows)} rows for {where}; expected one")
+        return float(rows["value"].iloc[0])
+
+    def diff(a: float, b: float, what: str = "PGD-2000") -> tuple[float, str]:
+        return a - b, f"{what}: {a:.1f} - {b:.1f} = {a - b:+.1f}"
+
+    mixed, adv_only = t7(), t7(clean_ratio=0.0)
+    standard = one(clean, network="resnet152", adv_ratio=0.0, norm="bn", metric="clean")
+    deeper_adv = t7(network="resnet338", clean_ratio=0.0, running_stats=1) - t7(clean_ratio=0.0, running_stats=1)
+    deeper_clean = one(clean, network="resnet338", adv_ratio=0.0, norm="bn", metric="clean") - standard
+    lost = lambda **kw: t7("pgd10", **kw) - t7(**kw)
+    weak = lambda **kw: t7(**kw) - t7(steps=5, **kw)
+    return {
+        "C1": diff(adv_only, mixed),
+        "C2a": diff(t7(norm="mbn_adv"), mixed),
+        "C2c": diff(t7(norm="mbn_adv"), adv_only),
+        "C3b": diff(t7(norm="gn"), adv_only),
+        "C2b": diff(one(clean, network="resnet152", norm="mbn", eval_bn="clean", metric="clean"), standard, "clean"),
+        "C3": diff(t7(norm="gn"), mixed),
+        "C4": diff(t7(clean_ratio=0.0, running_stats=1), adv_only),
+        "C5": (lost() - lost(clean_ratio=0.0), f"PGD-10 to PGD-2000: {lost():.1f} - {lost(clean_ratio=0.0):.1f} = "
+                                               f"{lost() - lost(clean_ratio=0.0):+.1f}"),
+        "C6": (weak() - weak(clean_ratio=0.0), f"PGD-30 vs PGD-5 training, PGD-2000: {weak():.1f} - "
+                                               f"{weak(clean_ratio=0.0):.1f} = {weak() - weak(clean_ratio=0.0):+.1f}"),
+        "C7a": diff(one(text, finetuning="BN-only on clean images", metric="clean"), t7("clean", clean_ratio=0.0),
+                    "clean"),
+        "C7b": diff(one(text, finetuning="BN-only on adversarial images", metric="pgd2000"), adv_only),
+        "C7c": (0.0, f"PGD-2000: {one(text, finetuning='BN-only on adversarial images', metric='pgd2000'):.1f} "
+                     "after finetuning BNs adversarially (no robustness gained)"),
+        "C8": (deeper_adv - deeper_clean, f"ResNet-152 to 338: PGD-2000 of adversarial training "
+                                          f"{deeper_adv:+.1f} minus clean accuracy of standard training "
+                                          f"{deeper_clean:+.1f} = {deeper_adv - deeper_clean:+.1f}"),
+    }
+
+
 # ---------------------------------------------------------------- statistics over seeds
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
@@ -109,35 +174,53 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def verdict(low: float, high: float, direction: int = 1, margin: float = MARGIN, near: bool = False) -> str:
-    """The rule for every claim, on the interval of an effect whose sign the paper predicts (``direction``):
-    'reproduced' where the whole interval lies on the paper's side of zero; 'contradicted' where it lies on the
-    other side; 'not reproduced at this scale' where it holds zero but stays inside +-margin (any effect is
-    smaller than ``margin`` points); 'inconclusive' otherwise (too few seeds or too wide). A claim of nearness
-    (``near``) is reproduced where the interval lies above -margin and contradicted where it lies below (with
-    ``direction=-1``: below +margin, and contradicted above it)."""
+    """The rule for every claim, on the 95% interval of an effect whose sign the paper predicts (``direction``):
+    'holds' where the whole interval lies on the paper's side of zero, 'reversed' where it lies on the other
+    side, 'no effect larger than 2 points' where it holds zero but stays inside +-``margin``, 'undecided'
+    otherwise (too few seeds or too wide). A claim of nearness (``near``: the paper finds no difference)
+    'holds' where the interval lies inside +-margin and is 'reversed' where it lies wholly outside."""
     if math.isnan(low) or math.isnan(high):
-        return "inconclusive"
+        return "undecided"
     low, high = sorted((low * direction, high * direction))
     if near:
-        return "reproduced" if low > -margin else "contradicted" if high < -margin else "inconclusive"
+        return "holds" if -margin < low and high < margin else "reversed" if low >= margin or high <= -margin \
+            else "undecided"
     if low > 0:
-        return "reproduced"
+        return "holds"
     if high < 0:
-        return "contradicted"
-    return "not reproduced at this scale" if -margin < low and high < margin else "inconclusive"
+        return "reversed"
+    return f"no effect larger than {margin:g} points" if -margin < low and high < margin else "undecided"
+
+
+def paper_size(low: float, high: float, paper_effect: float) -> str:
+    """Whether the paper's own effect size lies inside the interval or is ruled out by it (at this scale)."""
+    if any(math.isnan(v) for v in (low, high, paper_effect)):
+        return ""
+    if low <= paper_effect <= high:
+        return f"the paper's {paper_effect:+.1f} lies inside the interval"
+    if paper_effect > high:
+        return f"the paper's {paper_effect:+.1f} is ruled out (here at most {high:+.1f})"
+    return f"the paper's {paper_effect:+.1f} is ruled out (here at least {low:+.1f})"
 
 
 def accuracy(runs: pd.DataFrame, setting: str, *, branch: str = "-", steps: int | None = None,
-             arch: str | None = None) -> pd.Series:
-    """Accuracy (percent) of ``setting`` per seed: clean (``steps=0``), at PGD-``steps``, or (None) at the
-    strongest attack evaluated."""
+             arch: str | None = None, attack: str = "pgd") -> pd.Series:
+    """Accuracy (percent) of ``setting`` per seed: clean (``steps=0``), or under ``attack`` ('pgd' or
+    'autoattack') at ``steps`` iterations, None: the most evaluated."""
     rows = runs[(runs["setting"] == setting) & (runs["branch"] == branch)]
     if arch is not None:
         rows = rows[rows["arch"] == arch]
+    rows = rows[attack_of(rows) == ("clean" if steps == 0 else attack)]
     if rows.empty:
         return pd.Series(dtype=float)
     steps = rows["steps"].max() if steps is None else steps
     return rows[rows["steps"] == steps].groupby("seed")["accuracy"].mean()
+
+
+def attack_of(runs: pd.DataFrame) -> pd.Series:
+    """Each row's attack; tables written before the column existed hold clean (0 steps) and PGD rows only."""
+    derived = pd.Series(np.where(runs["steps"] == 0, "clean", "pgd"), index=runs.index)
+    return runs["attack"].fillna(derived) if "attack" in runs else derived
 
 
 def paired(a: pd.Series, b: pd.Series) -> pd.Series:
@@ -146,13 +229,16 @@ def paired(a: pd.Series, b: pd.Series) -> pd.Series:
     return a[both] - b[both]
 
 
-def _row(claim: str, measured: str, effect: pd.Series, paper: str, direction: int = 1, near: bool = False) -> dict:
+def _row(claim: str, measured: str, effect: pd.Series, paper: tuple[float, str], direction: int = 1,
+         near: bool = False, threat_model: str = "targeted PGD") -> dict:
     mean, low, high = t_interval(effect.values)
     text = "not run yet" if effect.empty else (
         f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n={len(effect)})" if len(effect) > 1 else f"{mean:+.1f} (n=1)")
-    return dict(claim=claim, measured=measured, kit=text, paper=paper,
-                verdict="not run yet" if effect.empty else verdict(low, high, direction, near=near),
-                mean=mean, low=low, high=high, seeds=len(effect), direction=direction)
+    rule = "not run yet" if effect.empty else verdict(low, high, direction, near=near)
+    return dict(claim=claim, threat_model=threat_model, measured=measured, kit=text, paper=paper[1], verdict=rule,
+                decided=rule not in ("not run yet", "undecided"),
+                paper_size=paper_size(low, high, paper[0]), mean=mean, low=low,
+                high=high, seeds=len(effect), direction=direction, near=near, paper_effect=paper[0])
 
 
 def _bn_ratio(bnstats: pd.DataFrame) -> pd.Series:
@@ -165,68 +251,123 @@ def _bn_ratio(bnstats: pd.DataFrame) -> pd.Series:
 
 
 def _variance_gap(bnstats: pd.DataFrame, setting: str) -> tuple[pd.Series, pd.Series]:
-    """Per seed, mean over channels of |batch var - running var| / running var, and the same between the two
-    batches (sampling noise), for ``setting``'s Figure 6 statistics."""
+    """Per seed, mean over channels of |batch var - running var| / running var, and |batch1 var - batch2 var| /
+    sqrt(2) / running var (sampling noise alone makes the two equal in expectation), for ``setting``'s Figure 6
+    statistics."""
     rows = bnstats[(bnstats["figure"] == 6) & (bnstats["setting"] == setting) & (bnstats["statistic"] == "var")]
     if rows.empty:
         return pd.Series(dtype=float), pd.Series(dtype=float)
     wide = rows.pivot_table(index=["seed", "channel"], columns="source", values="value")
     to_running = ((wide["batch1"] - wide["running"]).abs() + (wide["batch2"] - wide["running"]).abs()) / 2
-    between = (wide["batch1"] - wide["batch2"]).abs()
+    between = (wide["batch1"] - wide["batch2"]).abs() / math.sqrt(2)  # the same size under sampling noise alone
     return ((to_running / wide["running"]).groupby("seed").mean() * 100,
             (between / wide["running"]).groupby("seed").mean() * 100)
 
 
-def claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
-    """Every claim of the paper's Sections 4-5 measured on the study's runs (percentage points unless said)."""
+THREAT_MODELS = {"targeted PGD": "pgd", "AutoAttack": "autoattack"}  # name in the claims table -> attack rows
+SCALE_SIZES = {"n6k": 6144, "n12k": 12288, "": 24576}  # the decisive study's scale axis: setting suffix -> images
+NO_NUMBER = (math.nan, "")
+
+
+def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targeted PGD") -> pd.DataFrame:
+    """Every claim of the paper's Sections 4-5 measured on the study's runs under one threat model (its strongest
+    evaluated attack; percentage points unless said), with the paper's own effect. Claims about clean accuracy
+    or BN statistics are the same under every threat model: see :func:`all_claims`."""
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"threat_model={threat_model!r} is not accepted; choose one of {list(THREAT_MODELS)}")
+    attack = THREAT_MODELS[threat_model]
     base_arch = "small_resnet8"  # every claim but C8 compares runs of the base network
-    acc: Callable[..., pd.Series] = lambda setting, arch=base_arch, **kw: accuracy(runs, setting, arch=arch, **kw)
+    acc: Callable[..., pd.Series] = lambda setting, arch=base_arch, **kw: accuracy(runs, setting, arch=arch,
+                                                                                  attack=attack, **kw)
     bnstats = bnstats[bnstats["sweep"] == "main"] if not bnstats.empty else bnstats
-    strongest = f"PGD-{int(runs['steps'].max())}" if not runs.empty else "PGD-max"
-    deep = sorted(runs.loc[runs["sweep"] == "depth", "arch"].unique(), key=lambda a: int(a.split("resnet")[1])) \
-        if not runs.empty else []
+    rows_of = runs[attack_of(runs) == attack] if not runs.empty else runs
+    strongest = (f"{'PGD' if attack == 'pgd' else threat_model}-{int(rows_of['steps'].max())}"
+                 if not rows_of.empty else threat_model)
+    deep = sorted(runs.loc[runs["sweep"] == "depth", "arch"].unique(), key=paper.depth_of) if not runs.empty else []
     deepest = deep[-1] if deep else None
     drop = lambda setting: paired(acc(setting, steps=10), acc(setting))
-    to_running, between = _variance_gap(bnstats, "adv-clean0") if not bnstats.empty else (pd.Series(dtype=float),) * 2
+    fx = paper_effects()
+    row = lambda *args, **kw: _row(*args, threat_model=threat_model, **kw)
     rows = [
-        _row("C1", f"{strongest}: 100% adv + 0% clean minus 100% adv + 100% clean (BN)",
-             paired(acc("adv-clean0"), acc("adv-clean100")), "PGD-2000: 39.2 - 20.9 = +18.3"),
-        _row("C2a", f"{strongest}: MBN_adv minus BN, both 100% adv + 100% clean",
-             paired(acc("adv-clean100-mbn", branch="adv"), acc("adv-clean100")), "PGD-2000: 38.3 - 20.9 = +17.4"),
-        _row("C2b", "clean accuracy: MBN_clean minus standard training (near: loses less than 2 points)",
-             paired(acc("adv-clean100-mbn", branch="clean", steps=0), acc("standard", steps=0)),
-             "79.3 - 78.9 = +0.4", near=True),
-        _row("C3", f"{strongest}: GroupNorm minus BN, both 100% adv + 100% clean",
-             paired(acc("adv-clean100-gn"), acc("adv-clean100")), "PGD-2000: 39.0 - 20.9 = +18.1"),
-        _row("C4", f"{strongest}: running statistics in the last epoch minus none, 100% adv + 0% clean",
-             paired(acc("adv-clean0-rs"), acc("adv-clean0")), "PGD-2000: 42.2 - 39.2 = +3.0"),
-        _row("C5", f"accuracy lost from PGD-10 to {strongest}: 100% adv + 100% clean minus 100% adv + 0% clean",
-             paired(drop("adv-clean100"), drop("adv-clean0")),
-             "PGD-10 to PGD-2000: (56.2 - 20.9) - (52.5 - 39.2) = +22.0"),
-        _row("C6", f"{strongest} lost by training with PGD-2 instead of PGD-5: mixed (100% clean) minus 100% adv",
-             paired(paired(acc("adv-clean100"), acc("adv-clean100-pgd2")),
-                    paired(acc("adv-clean0"), acc("adv-clean0-pgd2"))),
-             "PGD-30 to PGD-5 training, PGD-2000: (20.9 - 0.0) - (39.2 - 35.9) = +17.6"),
-        _row("C7a", "clean accuracy: BN-only finetuning on clean images minus before (100% adv + 0% clean filters)",
-             paired(acc("ft-clean", steps=0), acc("adv-clean0", steps=0)), "73.0 - 62.3 = +10.7"),
-        _row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
-             paired(acc("ft-adv"), acc("adv-clean0")), "PGD-2000: 0.0 - 39.2 = -39.2", direction=-1),
-        _row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
-                    "(the paper: no robustness gained; reproduced = gains less than 2 points)",
-             paired(acc("ft-adv"), acc("standard")), "PGD-2000: 0.0 after finetuning", direction=-1, near=True),
-        _row("C8", f"gain from small_resnet8 to {deepest}: {strongest} of adversarial training minus clean "
-                   "accuracy of standard training",
-             paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
-                    paired(acc("standard", arch=deepest, steps=0), acc("standard", arch="small_resnet8", steps=0)))
-             if deepest else pd.Series(dtype=float),
-             "ResNet-152 to 638, PGD-2000: +4.5; clean training 152 to 338: +0.5"),
-        _row("C9a", "MBN running variance: mean log2(adv / clean) over 20 channels (x100)",
-             _bn_ratio(bnstats) * 100 if not bnstats.empty else pd.Series(dtype=float),
-             "adversarial larger (Figure 5, no number)"),
-        _row("C9b", "100% adv + 0% clean: |batch - running| variance minus |batch - batch| (% of running)",
-             paired(to_running, between), "batch variance differs from running (Figure 6, no number)"),
+        row("C1", f"{strongest}: 100% adv + 0% clean minus 100% adv + 100% clean (BN)",
+            paired(acc("adv-clean0"), acc("adv-clean100")), fx["C1"]),
+        row("C2a", f"{strongest}: MBN_adv minus BN, both 100% adv + 100% clean",
+            paired(acc("adv-clean100-mbn", branch="adv"), acc("adv-clean100")), fx["C2a"]),
+        row("C2c", f"{strongest}: MBN_adv (100% adv + 100% clean) minus 100% adv + 0% clean (near: within 2 points)",
+            paired(acc("adv-clean100-mbn", branch="adv"), acc("adv-clean0")), fx["C2c"], near=True),
+        row("C3", f"{strongest}: GroupNorm minus BN, both 100% adv + 100% clean",
+            paired(acc("adv-clean100-gn"), acc("adv-clean100")), fx["C3"]),
+        row("C3b", f"{strongest}: GroupNorm (100% adv + 100% clean) minus 100% adv + 0% clean (near: within 2 "
+                   "points)", paired(acc("adv-clean100-gn"), acc("adv-clean0")), fx["C3b"], near=True),
+        row("C4", f"{strongest}: running statistics in the last epoch minus none, 100% adv + 0% clean",
+            paired(acc("adv-clean0-rs"), acc("adv-clean0")), fx["C4"]),
+        *([row("C5", f"accuracy lost from PGD-10 to {strongest}: 100% adv + 100% clean minus 100% adv + 0% clean",
+               paired(drop("adv-clean100"), drop("adv-clean0")), fx["C5"])] if attack == "pgd" else []),
+        row("C6", f"{strongest} lost by training with PGD-2 instead of PGD-5: mixed (100% clean) minus 100% adv",
+            paired(paired(acc("adv-clean100"), acc("adv-clean100-pgd2")),
+                   paired(acc("adv-clean0"), acc("adv-clean0-pgd2"))), fx["C6"]),
+        row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
+            paired(acc("ft-adv"), acc("adv-clean0")), fx["C7b"], direction=-1),
+        row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
+                   "(near: the paper finds no robustness gained)",
+            paired(acc("ft-adv"), acc("standard")), fx["C7c"], near=True),
+        row("C8", f"gain from small_resnet8 to {deepest}: {strongest} of adversarial training minus clean "
+                  "accuracy of standard training",
+            paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
+                   paired(acc("standard", arch=deepest, steps=0), acc("standard", arch="small_resnet8", steps=0)))
+            if deepest else pd.Series(dtype=float), fx["C8"]),
+        *_scale_rows(acc, row, strongest),
     ]
     return pd.DataFrame(rows)
+
+
+def _scale_rows(acc: Callable[..., pd.Series], row: Callable[..., dict], strongest: str) -> list[dict]:
+    """C1 at each training-set size of the scale axis (the 24,576-image point is C1 itself) and its slope per
+    doubling of the data (least squares per seed over the sizes a seed has all of; Section 4.2's thesis: the
+    clean-image effect grows with the data set)."""
+    effect = {suffix: paired(acc(f"adv-clean0{'-' + suffix if suffix else ''}"),
+                             acc(f"adv-clean100{'-' + suffix if suffix else ''}")) for suffix in SCALE_SIZES}
+    rows = [row(f"C1@{n // 1024}k", f"{strongest}: C1 with {n:,} training images", effect[suffix], NO_NUMBER)
+            for suffix, n in SCALE_SIZES.items() if suffix]
+    frame = pd.DataFrame({suffix: e for suffix, e in effect.items()}).dropna()
+    if len(frame) and not all(e.empty for suffix, e in effect.items() if suffix):
+        x = np.log2([SCALE_SIZES[c] for c in frame.columns])
+        slope = frame.apply(lambda e: np.polyfit(x, e.values, 1)[0], axis=1)
+    else:
+        slope = pd.Series(dtype=float)
+    rows.append(row("C1-scale", f"{strongest}: change of C1 per doubling of the training set "
+                                f"({', '.join(f'{n:,}' for n in SCALE_SIZES.values())} images)", slope, NO_NUMBER))
+    return rows
+
+
+def threat_free_claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
+    """The claims about clean accuracy (C2b, C7a) and BN statistics (C9a, C9b), which no threat model changes."""
+    acc = lambda setting, **kw: accuracy(runs, setting, arch="small_resnet8", steps=0, **kw)
+    bnstats = bnstats[bnstats["sweep"] == "main"] if not bnstats.empty else bnstats
+    to_running, between = _variance_gap(bnstats, "adv-clean0") if not bnstats.empty else (pd.Series(dtype=float),) * 2
+    fx = paper_effects()
+    rows = [
+        _row("C2b", "clean accuracy: MBN_clean minus standard training (near: within 2 points)",
+             paired(acc("adv-clean100-mbn", branch="clean"), acc("standard")), fx["C2b"], near=True,
+             threat_model="clean"),
+        _row("C7a", "clean accuracy: BN-only finetuning on clean images minus before (100% adv + 0% clean filters)",
+             paired(acc("ft-clean"), acc("adv-clean0")), fx["C7a"], threat_model="clean"),
+        _row("C9a", "MBN running variance: mean log2(adv / clean) over the sampled channels (x100)",
+             _bn_ratio(bnstats) * 100 if not bnstats.empty else pd.Series(dtype=float),
+             (math.nan, "adversarial larger (Figure 5, no number)"), threat_model="BN statistics"),
+        _row("C9b", "100% adv + 0% clean: mean |batch - running| variance minus |batch1 - batch2| / sqrt(2) "
+                    "(% of running; 0 under sampling noise alone)", paired(to_running, between),
+             (math.nan, "batch variance differs from running (Figure 6, no number)"), threat_model="BN statistics"),
+    ]
+    return pd.DataFrame(rows)
+
+
+def all_claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
+    """The claims table: every robustness claim under each threat model the runs were evaluated with, then the
+    threat-free claims."""
+    present = set(attack_of(runs)) if not runs.empty else {"pgd"}
+    tables = [claims(runs, bnstats, name) for name, attack in THREAT_MODELS.items() if attack in present]
+    return pd.concat([*tables, threat_free_claims(runs, bnstats)], ignore_index=True)
 
 
 def settings_summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -306,10 +447,11 @@ def plot_claims(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Fi
             low, high = sorted((r.low * r.direction, r.high * r.direction))
             xerr = None if np.isnan(low) else [[r.mean * r.direction - low], [high - r.mean * r.direction]]
             ax.errorbar(r.mean * r.direction, i, xerr=xerr, fmt="o",
-                        color={"reproduced": "tab:green", "contradicted": "tab:red"}.get(r.verdict, "tab:gray"))
+                        color=VERDICT_COLORS.get(r.verdict, "tab:gray"))
         ax.text(1.02, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}"
+                                      f"{', ' + r.threat_model if 'threat_model' in table else ''}"
                                       for r in table.itertuples()], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("effect in the paper's predicted direction (percentage points; C9a: log2 ratio x 100)")
@@ -370,6 +512,14 @@ def plot_bnstats(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt
 
 
 def findings_markdown(table: pd.DataFrame) -> str:
-    """The claims table as Markdown for the README's findings section."""
-    columns = ["claim", "measured", "kit", "paper", "verdict"]
+    """The claims table as Markdown: claim, threat model, what is measured, the kit's effect with its interval,
+    the paper's, the verdict and whether the paper's effect size is ruled out."""
+    columns = [c for c in ("claim", "threat_model", "measured", "kit", "paper", "verdict", "paper_size") if c in table]
     return table[columns].to_markdown(index=False)
+
+
+def undecided(table: pd.DataFrame) -> pd.DataFrame:
+    """The claims the seeds have not yet decided (the stopping rule of the decisive study): claim, threat model,
+    seeds so far and the interval's half-width."""
+    rows = table[~table["decided"].astype(bool)]
+    return rows.assign(half_width=(rows["high"] - rows["low"]) / 2)[["claim", "threat_model", "seeds", "half_width"]]

@@ -76,7 +76,7 @@ class Point:
 
     @property
     def output(self) -> Path:
-        return self.config.run_dir / "experiment.ipynb"
+        return RunDir(self.config.run_dir).notebook
 
 
 def _value_tag(value: Any) -> str:

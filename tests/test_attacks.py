@@ -22,7 +22,7 @@ def test_random_targets_are_uniform_over_the_other_classes():
 def test_perturbation_stays_in_the_eps_cube_and_pixel_range(fmnist_test):
     x, y = fmnist_test
     model = fmnist_model()
-    adv = attacks.pgd(model, x[:32], y[:32], eps=16, step=4, steps=5, num_classes=10, generator=_gen())
+    adv = attacks.pgd(model, x[:32], y[:32], attacks.Attack(eps=16, step=4, steps=5), num_classes=10, generator=_gen())
     assert (adv - x[:32]).abs().max() <= 16 / 255 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
     assert (adv - x[:32]).abs().max() > 15 / 255  # it does move
@@ -40,7 +40,7 @@ def test_attack_leaves_the_model_exactly_as_it_was(fmnist_test, bn_mode, norm_na
     frozen.requires_grad_(False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: m.training for n, m in model.named_modules()}
-    attacks.pgd(model, x[:16], y[:16], steps=3, num_classes=10, bn_mode=bn_mode, generator=_gen())
+    attacks.pgd(model, x[:16], y[:16], attacks.Attack(steps=3, bn_mode=bn_mode), num_classes=10, generator=_gen())
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not frozen.requires_grad and model.net.conv1.weight.requires_grad
@@ -54,7 +54,7 @@ def test_parameters_get_no_gradient_work_during_the_attack(fmnist_test, fold_bn)
     seen = []
     hook = lambda module, args: seen.append(any(p.requires_grad for p in module.parameters()))
     model.net.fc.register_forward_pre_hook(hook)  # fc has no BN to fold: the view runs the model's own layer
-    attacks.pgd(model, x[:8], y[:8], steps=2, num_classes=10, generator=_gen(), fold_bn=fold_bn)
+    attacks.pgd(model, x[:8], y[:8], attacks.Attack(steps=2, fold_bn=fold_bn), num_classes=10, generator=_gen())
     assert len(seen) == 2 and not any(seen)
 
 
@@ -62,9 +62,9 @@ def test_batch_mode_uses_batch_statistics(fmnist_test):
     x, y = fmnist_test
     model = fmnist_model()
     model.eval()  # running stats are the init (mean 0, var 1): batch statistics give other gradients
-    kw = dict(eps=16, step=1, steps=3, num_classes=10, targets=(y[:32] + 1) % 10)
-    a = attacks.pgd(model, x[:32], y[:32], bn_mode="running", generator=_gen(), **kw)
-    b = attacks.pgd(model, x[:32], y[:32], bn_mode="batch", generator=_gen(), **kw)
+    kw = dict(num_classes=10, targets=(y[:32] + 1) % 10)
+    a = attacks.pgd(model, x[:32], y[:32], attacks.Attack(eps=16, step=1, steps=3, bn_mode="running"), generator=_gen(), **kw)
+    b = attacks.pgd(model, x[:32], y[:32], attacks.Attack(eps=16, step=1, steps=3, bn_mode="batch"), generator=_gen(), **kw)
     assert not torch.equal(a, b)
 
 
@@ -74,19 +74,19 @@ def test_mixture_bn_attack_runs_through_the_selected_branch(fmnist_test):
     with torch.no_grad():
         for bn in norm.batch_norms(model, "clean"):
             bn.running_var.fill_(4.0)
-    kw = dict(steps=3, num_classes=10, targets=(y[:32] + 3) % 10)
+    kw = dict(num_classes=10, targets=(y[:32] + 3) % 10)
     with norm.use_branch(model, "clean"):
-        a_clean = attacks.pgd(model, x[:32], y[:32], generator=_gen(), **kw)
+        a_clean = attacks.pgd(model, x[:32], y[:32], attacks.Attack(steps=3), generator=_gen(), **kw)
         assert norm.get_branch(model) == "clean"
     with norm.use_branch(model, "adv"):
-        a_adv = attacks.pgd(model, x[:32], y[:32], generator=_gen(), **kw)
+        a_adv = attacks.pgd(model, x[:32], y[:32], attacks.Attack(steps=3), generator=_gen(), **kw)
     assert not torch.equal(a_clean, a_adv)
 
 
 def test_matches_torchattacks_pgd_untargeted_from_the_same_start(clean_trained_model, fmnist_test):
     x, y = fmnist_test
     model = clean_trained_model
-    ours = attacks.pgd(model, x, y, eps=16, step=2, steps=7, targeted=False, clean_start_prob=1.0, generator=_gen())
+    ours = attacks.pgd(model, x, y, attacks.Attack(eps=16, step=2, steps=7, targeted=False, clean_start_prob=1.0), generator=_gen())
     theirs = torchattacks.PGD(model, eps=16 / 255, alpha=2 / 255, steps=7, random_start=False)(x, y)
     diff = (ours - theirs).abs()
     # identical up to float rounding of the projection; a rare pixel may take the other sign where the
@@ -97,7 +97,7 @@ def test_matches_torchattacks_pgd_untargeted_from_the_same_start(clean_trained_m
 
 def test_eps_zero_leaves_clean_accuracy(clean_trained_model, fmnist_test):
     x, y = fmnist_test
-    adv = attacks.pgd(clean_trained_model, x, y, eps=0, steps=5, num_classes=10, generator=_gen())
+    adv = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=0, steps=5), num_classes=10, generator=_gen())
     assert torch.equal(adv, x)
     assert accuracy(clean_trained_model, adv, y) == accuracy(clean_trained_model, x, y)
 
@@ -106,8 +106,8 @@ def test_undefended_model_falls_to_about_zero_at_eps_16(clean_trained_model, fmn
     x, y = fmnist_test
     clean = accuracy(clean_trained_model, x, y)
     assert clean > 0.7
-    untargeted = attacks.pgd(clean_trained_model, x, y, eps=16, step=2, steps=20, targeted=False, generator=_gen())
-    targeted = attacks.pgd(clean_trained_model, x, y, eps=16, step=1, steps=20, num_classes=10, generator=_gen())
+    untargeted = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=16, step=2, steps=20, targeted=False), generator=_gen())
+    targeted = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=16, step=1, steps=20), num_classes=10, generator=_gen())
     assert accuracy(clean_trained_model, untargeted, y) < 0.06
     # a random target is not always reachable at eps 16 on Fashion-MNIST, but the true class is lost far more often
     assert accuracy(clean_trained_model, targeted, y) < 0.6 * clean
@@ -118,7 +118,7 @@ def test_targeted_success_rises_with_steps(clean_trained_model, fmnist_test):
     targets = attacks.random_targets(y, 10, _gen(5))
     success = []
     for steps in (1, 3, 10, 30):
-        adv = attacks.pgd(clean_trained_model, x, y, eps=16, step=1, steps=steps, targets=targets, generator=_gen())
+        adv = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=16, step=1, steps=steps), targets=targets, generator=_gen())
         with torch.no_grad():
             success.append((clean_trained_model(adv).argmax(1) == targets).float().mean().item())
     assert all(b >= a - 0.02 for a, b in zip(success, success[1:])), success
@@ -127,9 +127,10 @@ def test_targeted_success_rises_with_steps(clean_trained_model, fmnist_test):
 
 def test_restarts_keep_each_examples_worst_case(clean_trained_model, fmnist_test):
     x, y = fmnist_test
-    kw = dict(eps=4, step=1, steps=3, num_classes=10)
-    one = attacks.pgd(clean_trained_model, x, y, restarts=1, generator=_gen(7), **kw)
-    many = attacks.pgd(clean_trained_model, x, y, restarts=4, generator=_gen(7), **kw)
+    one = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=4, step=1, steps=3, restarts=1), num_classes=10,
+                      generator=_gen(7))
+    many = attacks.pgd(clean_trained_model, x, y, attacks.Attack(eps=4, step=1, steps=3, restarts=4), num_classes=10,
+                       generator=_gen(7))
     with torch.no_grad():
         fooled_one = clean_trained_model(one).argmax(1) != y
         fooled_many = clean_trained_model(many).argmax(1) != y
@@ -169,7 +170,7 @@ def test_bad_attack_arguments_are_rejected_before_compute(kwargs, message):
     model = fmnist_model()
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
-    args = dict(num_classes=10) | kwargs
+    call = dict(num_classes=kwargs.pop("num_classes", 10))
     with pytest.raises(ValueError, match=message):
-        attacks.pgd(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), **args)
+        attacks.pgd(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), attacks.Attack(**kwargs), **call)
     assert not calls

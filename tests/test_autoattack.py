@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import autoattack, evaluate, explore, norm, plots, results, run
+from advkit import attacks, autoattack, evaluate, explore, norm, plots, results, run
 from advkit.config import Config, make_config
 from helpers import fmnist_model
 
@@ -98,10 +98,8 @@ def eps8(clean_trained_model, fmnist_test):
     breaks about half of the correct ones (neither 0 nor all)."""
     x, y = fmnist_test[0][:32], fmnist_test[1][:32]
     loader = _loader(x, y, 16)
-    result = evaluate.autoattack_curve(clean_trained_model, loader, num_classes=10, n=32, eps=8, pgd_step=2,
-                                       n_iter=10, seed=1)
-    targeted = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=[10], eps=8, step=2,
-                                         seed=1)
+    result = evaluate.autoattack_curve(clean_trained_model, loader, attacks.Attack(eps=8, step=2, steps=10, targeted=False), num_classes=10, n=32, seed=1)
+    targeted = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=8, step=2), num_classes=10, checkpoints=[10], seed=1)
     return x, y, result, targeted
 
 
@@ -127,17 +125,18 @@ def test_check_catches_autoattack_on_the_wrong_eps_scale(clean_trained_model, ep
 def test_saved_batches_are_reused_and_only_missing_ones_recomputed(fmnist_test, tmp_path, monkeypatch):
     x, y = fmnist_test[0][:24], fmnist_test[1][:24]
     model = fmnist_model()
-    kw = dict(num_classes=10, n=20, eps=16, pgd_step=4, n_iter=2, seed=3, save_dir=tmp_path)
-    first = evaluate.autoattack_curve(model, _loader(x, y, 8), **kw)
+    kw = dict(num_classes=10, n=20, seed=3, save_dir=tmp_path)
+    reference = attacks.Attack(eps=16, step=4, steps=2, targeted=False)
+    first = evaluate.autoattack_curve(model, _loader(x, y, 8), reference, **kw)
     assert len(first["labels"]) == 20 and sorted(p.name for p in tmp_path.iterdir()) == [
         "batch_000000.pt", "batch_000001.pt", "batch_000002.pt"]  # the third batch holds the last 4 images
 
     real, calls = autoattack.autoattack_batch, []
     monkeypatch.setattr(autoattack, "autoattack_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = evaluate.autoattack_curve(model, _loader(x, y, 8), **kw)
+    again = evaluate.autoattack_curve(model, _loader(x, y, 8), reference, **kw)
     assert calls == [] and all(np.array_equal(first[k], again[k]) for k in first)
     (tmp_path / "batch_000001.pt").unlink()
-    resumed = evaluate.autoattack_curve(model, _loader(x, y, 8), **kw)
+    resumed = evaluate.autoattack_curve(model, _loader(x, y, 8), reference, **kw)
     assert calls == [1] and all(np.array_equal(first[k], resumed[k]) for k in first)  # seeded per batch
 
 

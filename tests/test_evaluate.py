@@ -18,8 +18,8 @@ def _separate_accuracy(model, loader, steps, seed=0, **kw):
     correct = 0
     for b, batch in enumerate(loader):
         x, y = data.to_device(batch, "cpu")
-        adv = attacks.pgd(model, x, y, steps=steps, num_classes=10, generator=evaluate.batch_generator(seed, b, "cpu"),
-                          **kw)
+        adv = attacks.pgd(model, x, y, attacks.Attack(steps=steps, **kw), num_classes=10,
+                          generator=evaluate.batch_generator(seed, b, "cpu"))
         with torch.no_grad(), attacks.attack_mode(model):
             correct += (model(adv).argmax(1) == y).sum().item()
     return correct / sum(len(b[1]) for b in loader)
@@ -30,8 +30,7 @@ def test_one_pass_curve_equals_separate_pgd_runs(clean_trained_model, fmnist_tes
     x, y = fmnist_test
     loader = _loader(x[:128], y[:128])
     checkpoints = [1, 2, 5, 12]
-    curve = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=checkpoints, eps=16,
-                                      step=1, step_rule=step_rule, seed=3)
+    curve = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=16, step=1, step_rule=step_rule), num_classes=10, checkpoints=checkpoints, seed=3)
     one_pass = curve["final"].mean(1)
     separate = [_separate_accuracy(clean_trained_model, loader, n, seed=3, eps=16, step=1, step_rule=step_rule)
                 for n in checkpoints]
@@ -41,8 +40,7 @@ def test_one_pass_curve_equals_separate_pgd_runs(clean_trained_model, fmnist_tes
 
 def test_worst_iterate_never_rises_and_never_exceeds_final(clean_trained_model, fmnist_test):
     x, y = fmnist_test
-    curve = evaluate.robustness_curve(clean_trained_model, _loader(x, y), num_classes=10, checkpoints=[1, 3, 10, 30],
-                                      eps=8, step=1)
+    curve = evaluate.robustness_curve(clean_trained_model, _loader(x, y), attacks.Attack(eps=8, step=1), num_classes=10, checkpoints=[1, 3, 10, 30])
     worst, final = curve["worst"].mean(1), curve["final"].mean(1)
     assert np.all(np.diff(worst) <= 0) and np.all(worst <= final)
     assert np.all(curve["worst"] <= curve["final"])  # per example too
@@ -52,30 +50,29 @@ def test_worst_iterate_never_rises_and_never_exceeds_final(clean_trained_model, 
 def test_restarts_never_raise_accuracy_per_example(clean_trained_model, fmnist_test):
     x, y = fmnist_test
     loader = _loader(x, y)
-    one = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=[3], eps=4, step=1)
-    many = evaluate.robustness_curve(clean_trained_model, loader, num_classes=10, checkpoints=[3], eps=4, step=1,
-                                     restarts=4)
+    one = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=4, step=1), num_classes=10, checkpoints=[3])
+    many = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=4, step=1, restarts=4), num_classes=10, checkpoints=[3])
     assert np.all(many["final"] <= one["final"]) and many["final"].sum() < one["final"].sum()
 
 
 def test_interrupted_evaluation_resumes_from_saved_batches(clean_trained_model, fmnist_test, tmp_path):
     x, y = fmnist_test
     loader = _loader(x, y)
-    kw = dict(num_classes=10, checkpoints=[2, 4], eps=16, step=2, seed=1)
-    reference = evaluate.robustness_curve(clean_trained_model, loader, **kw)
+    kw = dict(num_classes=10, checkpoints=[2, 4], seed=1)
+    reference = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=16, step=2), **kw)
 
     def interrupted():
         yield from loader[:2]
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate.robustness_curve(clean_trained_model, interrupted(), save_dir=tmp_path, **kw)
+        evaluate.robustness_curve(clean_trained_model, interrupted(), attacks.Attack(eps=16, step=2), save_dir=tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch_000000.pt", "batch_000001.pt"]
     calls = []
     fc = clean_trained_model.net.fc  # the classifier has no BN: the model and its BN-folded view share it
     fc.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        resumed = evaluate.robustness_curve(clean_trained_model, loader, save_dir=tmp_path, **kw)
+        resumed = evaluate.robustness_curve(clean_trained_model, loader, attacks.Attack(eps=16, step=2), save_dir=tmp_path, **kw)
     finally:
         fc._forward_pre_hooks.clear()
     for key in ("clean", "final", "worst", "labels"):
@@ -106,8 +103,7 @@ def test_mixture_bn_models_are_evaluated_through_each_branch(tmp_path):
 def test_sanity_checks_pass_on_a_real_model(clean_trained_model, fmnist_test):
     """On a longer curve than the mutation suite's (tests/test_sanity.py), every check passes."""
     x, y = fmnist_test
-    table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], num_classes=10, checkpoints=[1, 5, 20],
-                                   eps=16, step=2, undefended=True)
+    table = evaluate.sanity_checks(clean_trained_model, x[:128], y[:128], attacks.Attack(eps=16, step=2), num_classes=10, checkpoints=[1, 5, 20], undefended=True)
     assert table["passed"].all(), table.to_string()
     assert len(table) == 11 and table["check"].is_unique
 
@@ -135,7 +131,7 @@ def test_figure_statistics_for_mixture_bn_leave_the_model_unchanged():
     model(torch.rand(16, 1, 28, 28))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
-    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=5, steps=2, step=8)
+    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=5, attack=attacks.Attack(steps=2, step=8))
     assert bnstats.default_layer(model) == "net.layer2.0.bn1"
     fig5 = table[table["figure"] == 5]
     assert set(fig5["branch"]) == {"clean", "adv"} and fig5["channel"].nunique() == 5

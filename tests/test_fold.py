@@ -107,29 +107,30 @@ def test_folded_and_unfolded_attacks_agree_on_a_trained_model(clean_trained_mode
         with torch.no_grad():
             model.net.bn1.clean.running_var.mul_(2)
         norm.set_branch(model.eval(), branch)
-    kw = dict(eps=16, step=1, steps=10, num_classes=10)
-    folded = attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), fold_bn=True, **kw)
-    plain = attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), fold_bn=False, **kw)
+    kw = dict(eps=16, step=1, steps=10)
+    folded = attacks.pgd(model, x, y, attacks.Attack(fold_bn=True, **kw), num_classes=10,
+                         generator=torch.Generator().manual_seed(0))
+    plain = attacks.pgd(model, x, y, attacks.Attack(fold_bn=False, **kw), num_classes=10,
+                        generator=torch.Generator().manual_seed(0))
     same_pixels = ((folded - plain).abs() < 1e-6).float().mean().item()
     assert same_pixels > 0.999
     with torch.no_grad():
         assert torch.equal(model(folded).argmax(1) == y, model(plain).argmax(1) == y)
-    final_folded, _ = evaluate.curve_batch(model, x, y, checkpoints=[3, 10], eps=16, step=1, num_classes=10)
-    final_plain, _ = evaluate.curve_batch(model, x, y, checkpoints=[3, 10], eps=16, step=1, num_classes=10,
-                                          fold_bn=False)
+    final_folded, _ = evaluate.curve_batch(model, x, y, attacks.Attack(eps=16, step=1), checkpoints=[3, 10], num_classes=10)
+    final_plain, _ = evaluate.curve_batch(model, x, y, attacks.Attack(eps=16, step=1, fold_bn=False), checkpoints=[3, 10], num_classes=10)
     assert torch.equal(final_folded.float().mean(1), final_plain.float().mean(1))
 
 
 def test_a_compiled_attack_matches_and_follows_weight_changes(fmnist_test):
     x, y = fmnist_test[0][:32], fmnist_test[1][:32]
     model = _randomize_statistics(fmnist_model())
-    kw = dict(eps=16, step=1, steps=3, num_classes=10)
-    attack = lambda **extra: attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), **kw, **extra)
+    attack = lambda **extra: attacks.pgd(model, x, y, attacks.Attack(eps=16, step=1, steps=3, **extra), num_classes=10,
+                                         generator=torch.Generator().manual_seed(0))
     same = lambda a, b: ((a - b).abs() < 1e-6).float().mean().item()
-    first = attack(compile_attack=True)
+    first = attack(compile=True)
     assert same(first, attack()) > 0.999
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.05)
-    changed = attack(compile_attack=True)  # the compiled view reads the refolded weights
+    changed = attack(compile=True)  # the compiled view reads the refolded weights
     assert same(changed, attack()) > 0.999 and same(changed, first) < 0.99

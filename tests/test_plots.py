@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from advkit import bnstats, plots, results
+from advkit import attacks, bnstats, plots, results
 from helpers import fmnist_model
 
 TABLE7 = pd.read_csv(results.PAPER_DIR / "table7.csv")
@@ -95,7 +95,7 @@ def test_figures_5_6_from_real_bn_statistics(tmp_path):
     model = fmnist_model(norm="mbn").train()
     model(torch.rand(32, 1, 28, 28))
     batches = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
-    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=6, steps=2, step=8)
+    table = bnstats.figure_statistics(model, batches, num_classes=10, channels=6, attack=attacks.Attack(steps=2, step=8))
     fig5 = plots.figure5(table, tmp_path)
     assert len(fig5.axes[0].patches) >= 12  # 6 channels x 2 branches
     heights = sorted(round(p.get_height(), 5) for p in fig5.axes[1].patches if p.get_height())

@@ -32,7 +32,7 @@ def mbn_model(clean_trained_model) -> torch.nn.Module:
     for batch in data.make_loader("fashion-mnist", "train", 64, n=512, seed=1):
         x, y = data.to_device(batch, "cpu")
         with norm.use_branch(model, "adv"):
-            x_adv = attacks.pgd(model, x, y, eps=16, step=8, steps=2, num_classes=10, generator=generator)
+            x_adv = attacks.pgd(model, x, y, attacks.Attack(eps=16, step=8, steps=2), num_classes=10, generator=generator)
             model.train()
             loss = F.cross_entropy(model(x_adv), y)
         with norm.use_branch(model, "clean"):
@@ -92,12 +92,12 @@ def eps_scaled_by(scale: float):
     """attack_once with eps converted from the 0-255 scale by ``scale`` instead of 1/255."""
 
     def patch(monkeypatch):
-        def mutant(model, images, labels, *, eps, step, steps, targeted, num_classes, targets, clean_start_prob,
-                   start_per_example, generator, on_logits=None):
-            goal = labels if not targeted else attacks.random_targets(labels, num_classes, generator)
-            start = attacks.random_start(images, eps * scale, clean_start_prob, start_per_example, generator)
-            return attacks.pgd_iterations(model, images, goal, start, eps * scale, step / 255.0, steps, targeted,
-                                          on_logits)
+        def mutant(model, images, labels, attack, *, num_classes, targets, generator, on_logits=None):
+            goal = labels if not attack.targeted else attacks.random_targets(labels, num_classes, generator)
+            start = attacks.random_start(images, attack.eps * scale, attack.clean_start_prob, attack.start_per_example,
+                                         generator)
+            return attacks.pgd_iterations(model, images, goal, start, attack.eps * scale, attack.step_taken / 255.0,
+                                          attack.steps, attack.targeted, on_logits)
 
         monkeypatch.setattr(attacks, "attack_once", mutant)
 
