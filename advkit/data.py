@@ -305,9 +305,7 @@ def random_resized_crop_flip(images: list[torch.Tensor], generator: torch.Genera
         flip = torch.rand(len(images)) < 0.5
     out = torch.stack([tv2.resized_crop(image, *box, [CROP, CROP], antialias=True)
                        for image, box in zip(images, boxes)])
-    flip = flip.to(out.device)
-    out[flip] = out[flip].flip(-1)
-    return out
+    return torch.where(flip.to(out.device)[:, None, None, None], out.flip(-1), out)
 
 
 def decode_batch(encoded: list[torch.Tensor], device: torch.device | str, augment: bool,

@@ -237,3 +237,37 @@ def test_device_decoding_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="decode='gpu' is not accepted: no CUDA device is visible"):
         data.make_loader("imagenet", "train", 4, root=tmp_path, decode="gpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(decode="nvjpeg"), r"decode='nvjpeg' is not accepted; choose one of \['cpu', 'gpu'\]"),
+    (dict(decode="gpu"), r"decode='gpu' is not accepted with dataset='fashion-mnist'"),
+    (dict(decode="gpu", dataset="imagenet", arch="resnet50", device="cpu"),
+     r"decode='gpu' is not accepted with device='cpu'"),
+])
+def test_the_config_refuses_device_decoding_where_it_cannot_run(overrides, message):
+    from advkit.config import make_config
+
+    with pytest.raises(ValueError, match=message):
+        make_config("test", **overrides)
+    assert make_config("test", dataset="imagenet", arch="resnet50", decode="gpu", device="auto").decode == "gpu"
+
+
+def test_device_decoding_falls_back_to_the_cpu_path_with_a_warning_when_auto_finds_no_gpu():
+    from advkit.config import make_config
+    from advkit.device import resolve_decode
+
+    cfg = make_config("test", dataset="imagenet", arch="resnet50", decode="gpu", device="auto")
+    with pytest.warns(RuntimeWarning, match="decode='gpu' falls back to decode='cpu'"):
+        assert resolve_decode(cfg, torch.device("cpu")) == "cpu"
+    assert resolve_decode(cfg, torch.device("cuda", 0)) == "gpu"  # only names the device: nothing runs on it
+    assert resolve_decode(make_config("test"), torch.device("cpu")) == "cpu"
+
+
+def test_a_resumed_run_may_change_where_it_decodes():
+    """decode is a hardware choice, like device and num_workers: a run started on a GPU server may resume on a
+    machine whose GPU path is not available, and the other way round."""
+    from advkit import config
+
+    gpu = config.make_config("test", dataset="imagenet", arch="resnet50", decode="gpu")
+    assert config.resume_conflicts(gpu.to_dict(), config.make_config(None, **gpu.to_dict() | {"decode": "cpu"})) == []
