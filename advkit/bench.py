@@ -6,7 +6,7 @@ plus the backward pass to the input (no weight gradients) of the same model and 
 side in a fresh subprocess and compare peak resident memory above the process's level before the work
 (on CUDA: peak allocated memory). Prints ``name  ratio=R  target<=T  PASS|FAIL`` per row and writes a CSV.
 
-    python -m advkit.bench [--device cpu|cuda] [--out data/results/bench_cpu.csv] [--quick]
+    python -m advkit.bench [--device cpu|cuda] [--out data/results/bench_cpu.csv] [--quick] [--num-workers W]
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import argparse
 import copy
 import functools
 import gc
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks, data, evaluate, models, strategy, train
-from .config import make_config
+from .config import PRESETS, make_config
+from .device import device_name
 from .paths import project_root
 
 NUM_CLASSES = 10
@@ -181,15 +184,18 @@ def curve_row(arch: str, device: torch.device, batch_size: int, checkpoints: lis
     return Row("curve_one_pass", arch, times["one_pass"] / times["separate"], 0.55, detail=detail)
 
 
-def training_step(model: nn.Module, cfg, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> Callable[[], None]:
-    """One training step of ``cfg``'s strategy (attack, forward, backward, optimizer step) on a fixed batch."""
+def training_step(model: nn.Module, cfg, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                  bf16: bool = False) -> Callable[[], None]:
+    """One training step of ``cfg``'s strategy (attack, forward, backward, optimizer step) on a fixed batch
+    (under bf16 autocast with ``bf16``, as the trainer on CUDA)."""
     optimizer = train.make_optimizer(cfg, model)
     forward = strategy.TrainingForward(model)
     generator = torch.Generator(images.device).manual_seed(seed)
 
     def step() -> None:
         model.train()
-        loss, _ = strategy.training_loss(model, images, labels, cfg, generator, forward)
+        loss, _ = strategy.training_loss(model, images, labels, cfg, generator, forward,
+                                         torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -241,6 +247,71 @@ def loader_row(repeats: int, device: torch.device) -> Row:
     train_rate = train_steps * cfg.batch_size / times["train"]
     return Row("loader_vs_train", cfg.arch, loader_rate / train_rate, 5.0, higher_is_better=True,
                detail=f"loader {loader_rate:,.0f} img/s, training {train_rate:,.0f} img/s")
+
+
+def jpeg_image_folder(root: Path, n: int, width: int, height: int, classes: int = 2, seed: int = 0) -> Path:
+    """A generated ImageFolder ``root/train/<class>/<i>.jpg`` of ``n`` JPEGs (quality 90): smooth random colour
+    fields plus pixel noise, so that they compress, and decode, more like photographs than pure noise would."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        folder = root / "train" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = torch.rand(1, 3, height // 16, width // 16, generator=generator) * 255
+        smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
+        pixels = (smooth + 12 * torch.randn(smooth.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def imagenet_loader_rows(device: torch.device, quick: bool, num_workers: int,
+                         decodes: tuple[str, ...] | None = None) -> list[Row]:
+    """imagenet_loader_vs_train: images/s the ImageNet training loader delivers to ``device`` (as floats; PIL
+    decoding and augmentation in ``num_workers`` workers) / images/s a ResNet-50 standard training step consumes
+    on that device (224 px; bf16 autocast and channels_last on CUDA, as the trainer), on a generated JPEG
+    ImageFolder of ImageNet's mean image size. On CUDA also imagenet_gpu_decode_vs_train: the loader with
+    ``decode='gpu'`` (``decodes`` overrides which loaders run: the tests run the GPU path's code on the CPU)."""
+    cuda = device.type == "cuda"
+    decodes = decodes or (("cpu", "gpu") if cuda else ("cpu",))
+    n, size, batch = (16, (160, 128), 8) if quick else (1024 if cuda else 256, (400, 350), 64 if cuda else 32)
+    train_batch, train_px, repeats = (2, 64, 1) if quick else (128 if cuda else 16, data.CROP, 3)  # quick: a smoke test
+    model = bench_model("resnet50", device, channels=3).to(memory_format=torch.channels_last if cuda
+                                                           else torch.preserve_format)
+    images, labels = fashion_batch(train_batch, device, train_px, channels=3)
+    cfg = make_config("paper", arch="resnet50", adv_ratio=0, clean_ratio=1.0, check_paths=False)
+    step = training_step(model, cfg, images.contiguous(memory_format=torch.channels_last) if cuda else images,
+                         labels, bf16=cuda)
+    with tempfile.TemporaryDirectory(prefix="advkit-bench-jpeg-") as tmp:
+        root = jpeg_image_folder(Path(tmp), n, *size)
+        loaders = {decode: data.make_loader("imagenet", "train", batch, root=root, num_workers=num_workers,
+                                            decode=decode, device=device) for decode in decodes}
+
+        def epoch(loader) -> None:
+            for batch_ in loader:
+                data.to_device(batch_, device, channels_last=cuda)
+
+        times = median_seconds({**{decode: functools.partial(epoch, loader) for decode, loader in loaders.items()},
+                                "train": step}, repeats, device, warmup=not quick)
+        del loaders  # ends the workers before their folder goes
+    train_rate = train_batch / times["train"]
+    precision = "bf16, channels_last" if cuda else "fp32"
+    rows = []
+    for decode in decodes:
+        rate = n // batch * batch / times[decode]  # an epoch drops the last partial batch
+        how = (f"PIL in {num_workers} workers" if decode == "cpu"
+               else f"batched decode_jpeg + augmentation on {device.type}, {num_workers} workers read bytes")
+        rows.append(Row("imagenet_loader_vs_train" if decode == "cpu" else "imagenet_gpu_decode_vs_train", "resnet50",
+                        rate / train_rate, 1.0, higher_is_better=True,
+                        detail=f"{device_name(device)}: loader ({how}) {rate:,.4g} img/s, ResNet-50 standard training "
+                               f"{train_rate:,.4g} img/s (batch {train_batch}, {train_px} px, {precision}); {n} generated "
+                               f"{size[0]}x{size[1]} JPEGs, loader batch {batch}"))
+    return rows
+
+
+def default_num_workers() -> int:
+    """The paper preset's ``num_workers``, at most one per CPU core this process may use."""
+    return min(PRESETS["paper"]["num_workers"], len(os.sched_getaffinity(0)))
 
 
 # ---------------------------------------------------------------- memory: each side in a fresh process
@@ -338,8 +409,9 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run_benchmarks(device: torch.device, quick: bool = False) -> list[Row]:
-    """Every row for ``device``; ``quick`` shrinks batches and steps (a smoke test, not a measurement)."""
+def run_benchmarks(device: torch.device, quick: bool = False, num_workers: int | None = None) -> list[Row]:
+    """Every row for ``device``; ``quick`` shrinks batches and steps (a smoke test, not a measurement).
+    ``num_workers``: the ImageNet loader's (None: :func:`default_num_workers`; 0 with ``quick``)."""
     batch, repeats = (16, 1) if quick else (128, 5)
     steps = 3 if quick else 20
     checkpoints = [1, 2, 5] if quick else [1, 2, 5, 10, 20, 50, 100, 200]  # the paper's 10 ... 2000, divided by 10
@@ -356,6 +428,9 @@ def run_benchmarks(device: torch.device, quick: bool = False) -> list[Row]:
     emit(training_rows("small_resnet8", device, batch, 2 if quick else 5, repeats))
     emit(memory_row("small_resnet8", device, batch, steps, 1 if quick else 3))
     emit(loader_row(1 if quick else 3, device))
+    if num_workers is None:
+        num_workers = 0 if quick else default_num_workers()
+    emit(imagenet_loader_rows(device, quick, num_workers))
     if device.type == "cuda":
         for arch in ("resnet50", "resnet152"):
             rates = throughput(arch, device, 16 if quick else 128)
@@ -371,11 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="CSV of the rows (default: data/results/bench_<device>.csv; "
                         "with --quick runs/bench/bench_<device>.csv)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every row runs")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="workers of the ImageNet loader rows (default: the paper preset's 8, at most one per "
+                             "usable CPU core; 0 with --quick)")
     parser.add_argument("--memory-probe", choices=["curve", "fwdbwd"], help=argparse.SUPPRESS)
     parser.add_argument("--arch", default="small_resnet8", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"--num-workers={args.num_workers} is not accepted: give 0 (load in this process) or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda is not accepted: no CUDA device is visible; use --device cpu")
     device = torch.device(args.device)
@@ -386,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default
     print(f"# {machine()}", flush=True)
     started = time.perf_counter()
-    rows = run_benchmarks(device, args.quick)
+    rows = run_benchmarks(device, args.quick, args.num_workers)
     table = pd.DataFrame([{**row.__dict__, "passed": row.passed} for row in rows])
     table["machine"] = machine()
     table["device"] = args.device

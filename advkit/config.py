@@ -42,6 +42,7 @@ class Config:
     n_train: int | None = 2048  # seeded training subset; 'all': every image
     n_test: int | None = 256  # seeded evaluation subset; 'all': every image
     num_workers: int = 0
+    decode: str = "cpu"  # imagenet: cpu (PIL in the workers) | gpu (batched nvJPEG and augmentation on the GPU)
     # model
     arch: str = "small_resnet8"  # small_resnet{8..110} or resnet{50..638}
     width_multiplier: int = 1  # small ResNets only
@@ -259,7 +260,7 @@ class ResumeConflict(ValueError):
 # What may differ between a run and its resumption: where things live, how it is evaluated and logged, and
 # nothing that changes the weights of the epochs already trained.
 RESUME_FREE = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
-               "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device")
+               "decode", "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device")
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -327,6 +328,7 @@ def _check_values(cfg: Config) -> None:
     check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     check_choice("schedule", cfg.schedule, SCHEDULES)
     check_choice("device", cfg.device, DEVICES)
+    check_choice("decode", cfg.decode, data.DECODES)
     check_choice("attack_bn_mode", cfg.attack_bn_mode, attacks.BN_MODES)
     check_choice("eval_step_rule", cfg.eval_step_rule, attacks.STEP_RULES)
     check_choice("attack_compile", cfg.attack_compile, attacks.COMPILE_MODES)
@@ -401,6 +403,13 @@ def _check_combinations(cfg: Config, check_paths: bool) -> None:
                          "divide evenly between the processes")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=True and overwrite=True are not accepted together; choose one")
+    if cfg.decode == "gpu" and cfg.dataset != "imagenet":
+        raise ValueError(f"decode='gpu' is not accepted with dataset={cfg.dataset!r}: it decodes ImageNet's JPEG "
+                         f"files; {cfg.dataset} is held in memory already decoded. Use decode='cpu'")
+    if cfg.decode == "gpu" and cfg.device == "cpu":
+        raise ValueError("decode='gpu' is not accepted with device='cpu': it decodes on the training GPU. Use "
+                         "decode='cpu', or device='auto' (decodes on the GPU where there is one, else falls back to "
+                         "the CPU path with a warning)")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":
         raise ValueError(f"arch={cfg.arch!r} is for 28-32 px images, not dataset='imagenet'; use resnet50..resnet638")
     if cfg.adv_ratio == 1 and (cfg.train_steps == 0 or cfg.train_step == 0 or cfg.train_eps == 0):

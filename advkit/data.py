@@ -7,19 +7,29 @@ batch to the device and scales it to [0, 1] there. Mean/std normalisation is the
 Fashion-MNIST is prepared into ``<data root>/FashionMNIST/raw`` from the Debian package
 ``dataset-fashion-mnist`` (files under ``/usr/share/datasets/fashion-mnist``), else by torchvision's
 downloader on machines with internet access. The data root is ``$ADVKIT_DATA`` or the repository's ``data/``.
+
+ImageNet's JPEGs are decoded by the loader's workers with PIL (``decode='cpu'``, the default), or, with
+``decode='gpu'``, read as bytes by the workers and decoded in batches on the GPU (torchvision's nvJPEG decoder),
+where the augmentation runs too (:func:`decode_batch`); both yield the same uint8 (N, 3, 224, 224) batches.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as tv2
 
 from .validate import check_choice, check_range
 
@@ -27,6 +37,8 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = ("train", "test")
+DECODES = ("cpu", "gpu")  # where the ImageNet loader decodes JPEGs: PIL in the workers, or batched on the device
+CROP, RESIZE = 224, 256  # ImageNet: training crops of CROP px; evaluation resizes to RESIZE, then center-crops
 
 
 @dataclass(frozen=True)
@@ -181,19 +193,162 @@ class TensorImages(Dataset):
         return images, self.labels[index]
 
 
-def imagenet_dataset(root: str | Path, split: str) -> datasets.ImageFolder:
-    """ImageNet as an ImageFolder (``<root>/train``, ``<root>/val``); standard augmentation; uint8 output."""
+def _imagenet_folder(root: str | Path, split: str) -> Path:
     _check_split(split)
     folder = Path(root) / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"ImageNet folder {folder} does not exist: data_root must hold train/ and val/ with one sub-folder per class")
-    if split == "train":
-        tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+    return folder
+
+
+def imagenet_dataset(root: str | Path, split: str, augment: bool | None = None) -> datasets.ImageFolder:
+    """ImageNet as an ImageFolder (``<root>/train``, ``<root>/val``), decoded by PIL, uint8 output: the standard
+    augmentation (RandomResizedCrop 224 and a horizontal flip) when ``augment`` (default: the training split),
+    else resize to 256 and center-crop 224."""
+    folder = _imagenet_folder(root, split)
+    if split == "train" if augment is None else augment:
+        tf = transforms.Compose([transforms.RandomResizedCrop(CROP), transforms.RandomHorizontalFlip(),
                                  transforms.PILToTensor()])
     else:
-        tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+        tf = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP), transforms.PILToTensor()])
     return datasets.ImageFolder(str(folder), transform=tf)
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a 1-D uint8 tensor: all that the workers of a ``decode='gpu'`` loader do per image."""
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+def encoded_imagenet(root: str | Path, split: str) -> datasets.ImageFolder:
+    """ImageNet's files (the same ImageFolder samples as :func:`imagenet_dataset`) as undecoded bytes."""
+    return datasets.ImageFolder(str(_imagenet_folder(root, split)), loader=read_bytes)
+
+
+def collate_encoded(samples: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A batch of files of different lengths: the list of byte tensors and the labels."""
+    return [file for file, _ in samples], torch.tensor([label for _, label in samples])
+
+
+def jpeg_components(encoded: torch.Tensor) -> int | None:
+    """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK), or
+    None when ``encoded`` is not a JPEG or its header cannot be read."""
+    data = encoded.numpy().tobytes()
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 9 < len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):  # SOFn
+            return data[pos + 9]
+        pos += 2 + length
+    return None
+
+
+def _quietly(fn, *args, **kwargs):
+    """Call a torchvision decoder without its deprecation warning (torchvision 0.29 points to TorchCodec, which
+    the kit does not depend on); one warning per image would drown a training log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                DeprecationWarning)
+        return fn(*args, **kwargs)
+
+
+def _pil_decode(encoded: torch.Tensor) -> torch.Tensor:
+    """What the CPU path decodes (ImageFolder's PIL loader: any format, converted to RGB), as a (3, H, W) tensor."""
+    with Image.open(io.BytesIO(encoded.numpy().tobytes())) as image:
+        return transforms.functional.pil_to_tensor(image.convert("RGB"))
+
+
+def decode_images(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Decode files' bytes to RGB uint8 (3, H, W) tensors on ``device``.
+
+    JPEGs with 1 or 3 components go through one batched call of torchvision's ``decode_jpeg`` (nvJPEG on CUDA).
+    The batched call returns nothing if one image fails, so then each is retried alone. What that decoder does
+    not take (PNG and other formats, CMYK JPEGs, JPEGs it rejects) is decoded by PIL on the CPU, as the CPU path
+    decodes it, and moved to ``device``."""
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, file in enumerate(encoded) if jpeg_components(file) in (1, 3)]
+    if jpegs:
+        try:
+            decoded = _quietly(decode_jpeg, [encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [_decode_one_jpeg(encoded[i], device) for i in jpegs]
+        for i, image in zip(jpegs, decoded):
+            out[i] = image
+    return [image if image is not None else _pil_decode(file).to(device) for image, file in zip(out, encoded)]
+
+
+def _decode_one_jpeg(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _quietly(decode_jpeg, encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def resize_center_crop(image: torch.Tensor) -> torch.Tensor:
+    """The evaluation transform of :func:`imagenet_dataset` on a (3, H, W) tensor: shorter side to 256, center
+    224 x 224."""
+    return tv2.center_crop(tv2.resize(image, [RESIZE], antialias=True), [CROP])
+
+
+def random_resized_crop_flip(images: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """The training augmentation of :func:`imagenet_dataset` (torchvision's RandomResizedCrop to 224 with its
+    default scale and ratio ranges, and a horizontal flip with probability 1/2) on each (3, H, W) tensor, on its
+    device, stacked. The draws come from ``generator`` (torchvision draws from the global RNG: it is forked,
+    seeded from ``generator`` and left as it was), so an epoch's crops are reproducible."""
+    crop = transforms.RandomResizedCrop(CROP)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**63 - 1, (), generator=generator)))
+        boxes = [crop.get_params(image, crop.scale, crop.ratio) for image in images]
+        flip = torch.rand(len(images)) < 0.5
+    out = torch.stack([tv2.resized_crop(image, *box, [CROP, CROP], antialias=True)
+                       for image, box in zip(images, boxes)])
+    return torch.where(flip.to(out.device)[:, None, None, None], out.flip(-1), out)
+
+
+def decode_batch(encoded: list[torch.Tensor], device: torch.device | str, augment: bool,
+                 generator: torch.Generator) -> torch.Tensor:
+    """A batch of files decoded and transformed on ``device`` into uint8 (N, 3, 224, 224): the same images as
+    :func:`imagenet_dataset` gives (``augment``: random crops drawn from ``generator``; else the center crop).
+    Device-agnostic: on the CPU it runs the same code, which is how the tests check it."""
+    images = decode_images(encoded, device)
+    if augment:
+        return random_resized_crop_flip(images, generator)
+    return torch.stack([resize_center_crop(image) for image in images])
+
+
+class DecodingLoader:
+    """A DataLoader of files' bytes (``decode='gpu'``) whose batches are decoded and augmented on ``device`` as
+    they are drawn: ``(uint8 images on device, labels)``. ``sampler``, ``dataset`` and ``len`` are the inner
+    loader's; ``generator`` draws the crops (the trainer reseeds it every epoch, as TensorImages' generator)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, augment: bool, seed: int) -> None:
+        self.loader, self.device, self.augment = loader, device, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for encoded, labels in self.loader:
+            yield decode_batch(encoded, self.device, self.augment, self.generator), labels
+
+
+def _decode_device(name: str, decode: str, device: torch.device | str | None) -> torch.device | None:
+    """Where the loader decodes: None (the workers, PIL) for ``decode='cpu'``, else the device (default cuda)."""
+    check_choice("decode", decode, DECODES)
+    if decode == "cpu":
+        return None
+    if name != "imagenet":
+        raise ValueError(f"decode='gpu' is not accepted for dataset={name!r}: it decodes ImageNet's JPEG files, "
+                         f"and {DATA_NAMES[name]} is held in memory already decoded; use decode='cpu'")
+    device = torch.device(device if device is not None else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("decode='gpu' is not accepted: no CUDA device is visible; use decode='cpu' (the default)")
+    return device
 
 
 def make_loader(
@@ -211,27 +366,37 @@ def make_loader(
     world_size: int = 1,
     rank: int = 0,
     download: bool = False,
-) -> DataLoader:
+    decode: str = "cpu",
+    device: torch.device | str | None = None,
+) -> DataLoader | DecodingLoader:
     """A DataLoader of uint8 batches for ``name`` in DATASETS.
 
     Training loaders shuffle (seeded; call ``loader.sampler.set_epoch(e)`` for a new order each epoch, as with
     DistributedSampler) and drop the last partial batch; test loaders keep order and every image. ``n`` takes
-    a seeded subset. ``world_size``/``rank`` shard the data for distributed training.
+    a seeded subset. ``world_size``/``rank`` shard the data for distributed training. ImageNet only:
+    ``decode='gpu'`` has the workers read bytes and decodes and augments each batch on ``device`` (default
+    cuda; a ValueError when no CUDA device is visible; ``device='cpu'`` runs the same code on the CPU, as the
+    tests do), yielding the same uint8 batches, already on ``device``.
     """
     check_choice("dataset", name, list(DATASETS))
     _check_split(split)
     check_range("batch_size", batch_size, 1, integer=True)
+    decode_device = _decode_device(name, decode, device)
     train = split == "train"
     shuffle = train if shuffle is None else shuffle
     augment = train if augment is None else augment
     drop_last = train if drop_last is None else drop_last
     if name == "imagenet":
-        ds = imagenet_dataset(root if root is not None else default_root() / "imagenet", split)
+        root = root if root is not None else default_root() / "imagenet"
+        ds = imagenet_dataset(root, split, augment) if decode_device is None else encoded_imagenet(root, split)
         if n is not None:
             ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
         sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                            pin_memory=torch.cuda.is_available() and decode_device is None,
+                            persistent_workers=num_workers > 0,
+                            collate_fn=None if decode_device is None else collate_encoded)
+        return loader if decode_device is None else DecodingLoader(loader, decode_device, augment, seed)
     images, labels = load_tensors(name, split, root, download=download)
     keep = subset_indices(len(labels), n, seed)
     ds = TensorImages(images[keep], labels[keep], crop_padding=4 if (augment and name == "cifar10") else 0, seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+def resolve_decode(cfg: Config, device: torch.device) -> str:
+    """Where the training loader decodes ImageNet's JPEGs: ``cfg.decode``, except that 'gpu' on a run that
+    resolved to the CPU (``device='auto'`` on a machine without CUDA) falls back to 'cpu' with a warning.
+    (``device='cpu'`` with 'gpu' is refused by the config; ``device='cuda'`` without CUDA by resolve_device.)"""
+    if cfg.decode == "gpu" and device.type != "cuda":
+        warnings.warn(f"decode='gpu' falls back to decode='cpu': the run uses device {device.type!r} "
+                      f"(device={cfg.device!r}, no CUDA device visible), so the loader's workers decode with PIL",
+                      RuntimeWarning, stacklevel=2)
+        return "cpu"
+    return cfg.decode
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.bf16 is None else cfg.bf16

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data, distributed, models, norm
 from .config import Config
-from .device import autocast, resolve_rank_device, uses_channels_last
+from .device import autocast, resolve_decode, resolve_rank_device, uses_channels_last
 from .rundir import RunDir, load_checkpoint
 from .strategy import TrainingForward, training_loss
 
@@ -141,12 +141,13 @@ def _resumed_state(ckpt: dict[str, Any], model: nn.Module, ctx: distributed.Cont
     return ckpt["model"]
 
 
-def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int, seed: int) -> None:
+def _set_epoch(loader: torch.utils.data.DataLoader | data.DecodingLoader, epoch: int, seed: int) -> None:
     """A fresh, reproducible order (and augmentation draws) for ``epoch``, as DistributedSampler does."""
     sampler = loader.sampler.sampler if isinstance(loader.sampler, torch.utils.data.BatchSampler) else loader.sampler
     sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "generator"):
-        loader.dataset.generator.manual_seed(seed * 100_003 + epoch)
+    augmenter = loader if isinstance(loader, data.DecodingLoader) else loader.dataset  # who draws the crops
+    if hasattr(augmenter, "generator"):
+        augmenter.generator.manual_seed(seed * 100_003 + epoch)
 
 
 # ---------------------------------------------------------------- the loop
@@ -162,7 +163,7 @@ class Loop:
     model: nn.Module
     forward: nn.Module  # TrainingForward, possibly wrapped by DDP and torch.compile
     optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader
+    loader: torch.utils.data.DataLoader | data.DecodingLoader
     generator: torch.Generator
     sigterm: list[int]
     show_progress: bool
@@ -203,7 +204,7 @@ def _set_up(cfg: Config, run: RunDir, device: torch.device, ctx: distributed.Con
     generator = torch.Generator(device).manual_seed(cfg.seed + 1_000 * ctx.rank)
     loader = data.make_loader(cfg.dataset, "train", cfg.batch_size // ctx.world_size, n=cfg.n_train, seed=cfg.seed,
                               root=cfg.data_root, num_workers=cfg.num_workers, world_size=ctx.world_size,
-                              rank=ctx.rank)
+                              rank=ctx.rank, decode=resolve_decode(cfg, device), device=device)
     if len(loader) == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set (n_train={cfg.n_train})")
     model = build_model(cfg)

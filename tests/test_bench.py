@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from advkit import bench, config, paths
 
@@ -28,8 +29,25 @@ def test_smoke_every_row_runs_in_quick_mode(tmp_path, capsys):
     assert bench.main(["--quick", "--out", str(out)]) == 0
     table = pd.read_csv(out)
     expected = {"pgd_vs_floor", "pgd_vs_torchattacks", "pgd_folded_vs_unfolded", "pgd_channels_last_vs_default", "pgd_compiled_vs_default",
-                "curve_one_pass", "train_step_vs_floor", "mbn_vs_bn", "eval_memory", "loader_vs_train"}
+                "curve_one_pass", "train_step_vs_floor", "mbn_vs_bn", "eval_memory", "loader_vs_train",
+                "imagenet_loader_vs_train"}  # imagenet_gpu_decode_vs_train: on CUDA only
     assert set(table["name"]) == expected
     assert (table["ratio"] > 0).all()
     printed = capsys.readouterr().out
     assert all(f"{name}[" in printed for name in expected)
+
+
+def test_the_gpu_decoding_row_runs_its_code_on_the_cpu_with_workers():
+    """The GPU path's row (on CUDA only in a real run) through the same code on the CPU, with a worker process
+    reading the files' bytes: a smoke test of the row, not a measurement."""
+    import torch
+
+    (row,) = bench.imagenet_loader_rows(torch.device("cpu"), quick=True, num_workers=1, decodes=("gpu",))
+    assert row.name == "imagenet_gpu_decode_vs_train" and row.model == "resnet50" and row.ratio > 0
+    assert row.detail.startswith("cpu: ") and "1 workers read bytes" in row.detail
+
+
+def test_a_negative_worker_count_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--num-workers", "-1"])
+    assert "--num-workers=-1 is not accepted" in capsys.readouterr().err

@@ -102,3 +102,172 @@ def test_imagenet_imagefolder_pipeline(tmp_path):
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.uint8
     val = data.make_loader("imagenet", "test", 4, root=tmp_path)
     assert sum(len(b[1]) for b in val) == 6
+
+
+def _jpeg_folder(root, sizes=((64, 80),), classes=("n01", "n02"), per_class=4, extra=()):
+    """A tiny generated ImageFolder of smooth random RGB JPEGs (train/ and val/ alike), plus ``extra`` files
+    (name, PIL image, format) in the first class."""
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(0)  # the same files in both
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                w, h = sizes[i % len(sizes)]
+                low = torch.randint(0, 256, (h // 8, w // 8, 3), dtype=torch.uint8, generator=generator)
+                Image.fromarray(low.numpy()).resize((w, h), Image.BICUBIC).save(root / split / cls / f"{i}.jpg",
+                                                                                quality=90)
+        for name, image, fmt in extra:
+            image.save(root / split / classes[0] / name, fmt)
+    return root
+
+
+def test_imagenet_augment_false_gives_the_evaluation_crop_of_training_images(tmp_path):
+    """bnstats reads training images without augmentation (augment=False): the deterministic resize + center
+    crop, not RandomResizedCrop."""
+    _jpeg_folder(tmp_path)
+    loader = data.make_loader("imagenet", "train", 8, root=tmp_path, shuffle=False, augment=False)
+    first, second = next(iter(loader))[0], next(iter(loader))[0]
+    assert torch.equal(first, second)
+    val = next(iter(data.make_loader("imagenet", "test", 8, root=tmp_path)))[0]
+    assert torch.equal(first, val)  # train/ and val/ hold the same generated files
+
+
+def _odd_files():
+    """Files the GPU decoder does not take or may reject: a PNG, a grayscale JPEG and a CMYK JPEG."""
+    gradient = Image.linear_gradient("L").resize((72, 60))
+    return [("png.png", Image.merge("RGB", (gradient, gradient.rotate(90), gradient)), "PNG"),
+            ("gray.jpg", gradient, "JPEG"), ("cmyk.jpg", Image.new("CMYK", (70, 66), (10, 200, 30, 40)), "JPEG")]
+
+
+def _batches(loader):
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+@pytest.mark.parametrize("split, augment", [("test", None), ("train", False)])
+def test_device_decoding_gives_the_cpu_paths_evaluation_images(tmp_path, split, augment):
+    """decode='gpu' run on the CPU: the same uint8 images as PIL's path, pixel for pixel (both decode with
+    libjpeg-turbo, and torch's uint8 antialiased resize reproduces PIL's on these upscaled images), a PNG, a
+    grayscale and a CMYK JPEG included. On CUDA, nvJPEG's IDCT may differ from libjpeg-turbo by a few levels."""
+    _jpeg_folder(tmp_path, sizes=((64, 80), (80, 64)), extra=_odd_files())
+    kwargs = dict(root=tmp_path, shuffle=False, augment=augment)
+    cpu = _batches(data.make_loader("imagenet", split, 4, **kwargs))
+    device = _batches(data.make_loader("imagenet", split, 4, decode="gpu", device="cpu", **kwargs))
+    assert len(cpu) == len(device) == (3 if split == "test" else 2)  # 11 files; training drops the partial batch
+    for (x_cpu, y_cpu), (x_dev, y_dev) in zip(cpu, device):
+        assert x_dev.dtype == torch.uint8 and x_dev.shape == x_cpu.shape and x_dev.shape[1:] == (3, 224, 224)
+        assert torch.equal(y_cpu, y_dev)
+        assert torch.equal(x_cpu, x_dev)
+
+
+def test_device_decoding_falls_back_to_pil_per_image(tmp_path, monkeypatch):
+    """PNG and CMYK files never reach the JPEG decoder; a JPEG it rejects (nvJPEG may reject some) fails the
+    batched call, is retried alone, and is decoded by PIL: the images stay those of the CPU path."""
+    _jpeg_folder(tmp_path, per_class=2, extra=_odd_files())
+    seen, real = [], data.decode_jpeg
+
+    def picky_decoder(encoded, **kwargs):
+        files = encoded if isinstance(encoded, list) else [encoded]
+        seen.extend(data.jpeg_components(f) for f in files)
+        if any(data.jpeg_components(f) == 1 for f in files):
+            raise RuntimeError("simulated nvJPEG failure on a grayscale JPEG")
+        return real(encoded, **kwargs)
+
+    monkeypatch.setattr(data, "decode_jpeg", picky_decoder)
+    cpu = _batches(data.make_loader("imagenet", "test", 7, root=tmp_path))
+    device = _batches(data.make_loader("imagenet", "test", 7, root=tmp_path, decode="gpu", device="cpu"))
+    assert set(seen) == {1, 3}  # the grayscale JPEG was tried, the CMYK JPEG and the PNG were not
+    assert seen.count(1) == 2  # once in the batch, once alone
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(cpu, device))
+
+
+def test_jpeg_components_reads_the_frame_header():
+    import io
+
+    def encode(image, fmt="JPEG", **kwargs):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **kwargs)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    assert data.jpeg_components(encode(Image.new("RGB", (9, 9)), progressive=True)) == 3
+    assert data.jpeg_components(encode(Image.new("L", (9, 9)))) == 1
+    assert data.jpeg_components(encode(Image.new("CMYK", (9, 9)))) == 4
+    assert data.jpeg_components(encode(Image.new("RGB", (9, 9)), "PNG")) is None
+    assert data.jpeg_components(encode(Image.new("RGB", (9, 9)))[:40]) is None  # truncated before the frame
+
+
+def test_device_augmentation_crops_flips_and_is_reproducible(tmp_path):
+    """Training batches of the device path: uint8 (N, 3, 224, 224) like the CPU path's; random crops and flips
+    (a horizontal ramp stays monotone along each row, rising or falling); the same generator seed, the same
+    batch; another seed, other crops."""
+    ramp = torch.arange(200, dtype=torch.uint8).repeat(3, 150, 1)  # (3, 150, 200): value = column
+    images = [ramp] * 32
+    out = data.random_resized_crop_flip(images, torch.Generator().manual_seed(0))
+    assert out.shape == (32, 3, 224, 224) and out.dtype == torch.uint8
+    rows = out[:, 0, 112].int()
+    rising, falling = (rows.diff() >= 0).all(1), (rows.diff() <= 0).all(1)
+    assert (rising | falling).all() and 4 <= falling.sum() <= 28  # flipped about half the time
+    assert len({(r.min().item(), r.max().item()) for r in rows}) > 16  # different crops
+    assert torch.equal(out, data.random_resized_crop_flip(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, data.random_resized_crop_flip(images, torch.Generator().manual_seed(1)))
+    _jpeg_folder(tmp_path)
+    cpu = next(iter(data.make_loader("imagenet", "train", 4, root=tmp_path)))
+    device = next(iter(data.make_loader("imagenet", "train", 4, root=tmp_path, decode="gpu", device="cpu")))
+    assert device[0].shape == cpu[0].shape and device[0].dtype == cpu[0].dtype
+    assert torch.equal(device[1], cpu[1])  # the same sampler order
+
+
+def test_the_trainer_reseeds_the_device_augmentation_every_epoch(tmp_path):
+    from advkit import train
+
+    _jpeg_folder(tmp_path)
+    loader = data.make_loader("imagenet", "train", 8, root=tmp_path, decode="gpu", device="cpu", shuffle=False)
+    epoch = {}
+    for e in (0, 1, 0):
+        train._set_epoch(loader, e, seed=3)
+        epoch.setdefault(e, []).append(next(iter(loader))[0])
+    assert torch.equal(epoch[0][0], epoch[0][1]) and not torch.equal(epoch[0][0], epoch[1][0])
+
+
+def test_device_decoding_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    _jpeg_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"decode='jpeg' is not accepted; choose one of \['cpu', 'gpu'\]"):
+        data.make_loader("imagenet", "train", 4, root=tmp_path, decode="jpeg")
+    with pytest.raises(ValueError, match="decode='gpu' is not accepted for dataset='fashion-mnist'"):
+        data.make_loader("fashion-mnist", "train", 4, decode="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="decode='gpu' is not accepted: no CUDA device is visible"):
+        data.make_loader("imagenet", "train", 4, root=tmp_path, decode="gpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(decode="nvjpeg"), r"decode='nvjpeg' is not accepted; choose one of \['cpu', 'gpu'\]"),
+    (dict(decode="gpu"), r"decode='gpu' is not accepted with dataset='fashion-mnist'"),
+    (dict(decode="gpu", dataset="imagenet", arch="resnet50", device="cpu"),
+     r"decode='gpu' is not accepted with device='cpu'"),
+])
+def test_the_config_refuses_device_decoding_where_it_cannot_run(overrides, message):
+    from advkit.config import make_config
+
+    with pytest.raises(ValueError, match=message):
+        make_config("test", **overrides)
+    assert make_config("test", dataset="imagenet", arch="resnet50", decode="gpu", device="auto").decode == "gpu"
+
+
+def test_device_decoding_falls_back_to_the_cpu_path_with_a_warning_when_auto_finds_no_gpu():
+    from advkit.config import make_config
+    from advkit.device import resolve_decode
+
+    cfg = make_config("test", dataset="imagenet", arch="resnet50", decode="gpu", device="auto")
+    with pytest.warns(RuntimeWarning, match="decode='gpu' falls back to decode='cpu'"):
+        assert resolve_decode(cfg, torch.device("cpu")) == "cpu"
+    assert resolve_decode(cfg, torch.device("cuda", 0)) == "gpu"  # only names the device: nothing runs on it
+    assert resolve_decode(make_config("test"), torch.device("cpu")) == "cpu"
+
+
+def test_a_resumed_run_may_change_where_it_decodes():
+    """decode is a hardware choice, like device and num_workers: a run started on a GPU server may resume on a
+    machine whose GPU path is not available, and the other way round."""
+    from advkit import config
+
+    gpu = config.make_config("test", dataset="imagenet", arch="resnet50", decode="gpu")
+    assert config.resume_conflicts(gpu.to_dict(), config.make_config(None, **gpu.to_dict() | {"decode": "cpu"})) == []
