@@ -224,7 +224,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     device = resolve_rank_device(cfg, distributed.context())
     loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
                               root=cfg.data_root, num_workers=cfg.num_workers)
-    branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
+    branches = norm.evaluated_branches(model)
     weights = models.weights_digest(model)
     precision = "bf16" if cfg.eval_bf16 else "fp32"
     tables = []
@@ -234,7 +234,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
                     checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset, batch_size=cfg.eval_batch_size,
                     weights=weights, precision=precision)
         folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
-        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+        with norm.through_branch(model, branch):
             curve = robustness_curve(
                 model, loader, cfg.evaluation_attack, num_classes=data.DATASETS[cfg.dataset].num_classes,
                 checkpoints=cfg.eval_checkpoints, seed=cfg.evaluation_seed, device=device,
@@ -322,8 +322,8 @@ def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     images, labels = data.to_device(next(iter(loader)), device)
     checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]
     tables = []
-    for branch in list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]:
-        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+    for branch in norm.evaluated_branches(model):
+        with norm.through_branch(model, branch):
             table = sanity_checks(model, images, labels, cfg.evaluation_attack,
                                   num_classes=data.DATASETS[cfg.dataset].num_classes, checkpoints=checkpoints,
                                   seed=cfg.evaluation_seed, undefended=cfg.adv_ratio == 0 and not cfg.finetune_bn)
@@ -596,7 +596,7 @@ def autoattack_spec(cfg, branch: str, n_iter: int, weights: str) -> dict:
 
 
 def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool) -> dict[str, Path]:
-    branches = list(norm.BRANCHES) if norm.has_mixture_bn(model) else ["-"]
+    branches = norm.evaluated_branches(model)
     weights = models.weights_digest(model)
     return {branch: _spec_dir(cfg.run_dir / "eval" / "autoattack", autoattack_spec(cfg, branch, n_iter, weights),
                               write=write) for branch in branches}
@@ -616,7 +616,7 @@ def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_ite
                               root=cfg.data_root, num_workers=cfg.num_workers)
     tables = []
     for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main).items():
-        with norm.use_branch(model, branch) if branch != "-" else contextlib.nullcontext():
+        with norm.through_branch(model, branch):
             result = autoattack_curve(
                 model, loader, reference, num_classes=data.DATASETS[cfg.dataset].num_classes,
                 n=cfg.eval_autoattack_n, seed=cfg.evaluation_seed, device=device,

@@ -88,6 +88,19 @@ def has_mixture_bn(model: nn.Module) -> bool:
     return any(isinstance(m, MixtureBatchNorm2d) for m in model.modules())
 
 
+NO_BRANCH = "-"  # the branch column of a model without Mixture BN
+
+
+def evaluated_branches(model: nn.Module) -> list[str]:
+    """The branches a model is evaluated through: both Mixture BN branches, or ``NO_BRANCH`` without MBN."""
+    return list(BRANCHES) if has_mixture_bn(model) else [NO_BRANCH]
+
+
+def through_branch(model: nn.Module, branch: str) -> contextlib.AbstractContextManager:
+    """:func:`use_branch`, or nothing for ``NO_BRANCH``."""
+    return contextlib.nullcontext(model) if branch == NO_BRANCH else use_branch(model, branch)
+
+
 def batch_norms(model: nn.Module, branch: str | None = None) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``model``; with ``branch``, only that branch of each Mixture BN (plain BNs kept)."""
     if branch is not None:
