@@ -1,5 +1,6 @@
 """Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit run -p NAME VALUE ...`` (one experiment
-notebook through papermill, the run's record kept safe), ``advkit sweep FILE``, ``advkit summary ROOT``,
+notebook through papermill, the run's record kept safe), ``advkit evaluate --arch A --weights FILE --name N``
+(a state dict the kit did not train, evaluated into a run folder), ``advkit sweep FILE``, ``advkit summary ROOT``,
 ``advkit study`` (export the study's runs, print its claims), ``advkit figures`` (every analysis notebook through
 papermill)."""
 
@@ -26,23 +27,29 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if outcome["failed"] else 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    """``advkit run -p name my-run -p preset demo ...``: one execution of the experiment notebook. Values are read
-    as YAML (``-p epochs 8``, ``-p lr_decay_epochs "[2]"``), like papermill's ``-p``; ``-f FILE`` adds a YAML file
-    of parameters. Every value is checked before papermill starts, and a refused run (an existing run without
-    resume/overwrite, a run in use) leaves the earlier executed notebook as it was."""
+def _parameters(args: argparse.Namespace) -> dict:
+    """The parameters of ``-f FILE`` (YAML) and ``-p NAME VALUE`` (each value read as YAML, like papermill's)."""
     import yaml
-
-    from .config import config_from_parameters
-    from .paths import project_root
-    from .rundir import RunDir
-    from .sweep import execute
 
     parameters = {}
     if args.file:
         parameters |= yaml.safe_load(open(args.file)) or {}
     for name, value in args.parameter:
         parameters[name] = yaml.safe_load(value)
+    return parameters
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``advkit run -p name my-run -p preset demo ...``: one execution of the experiment notebook. Values are read
+    as YAML (``-p epochs 8``, ``-p lr_decay_epochs "[2]"``), like papermill's ``-p``; ``-f FILE`` adds a YAML file
+    of parameters. Every value is checked before papermill starts, and a refused run (an existing run without
+    resume/overwrite, a run in use) leaves the earlier executed notebook as it was."""
+    from .config import config_from_parameters
+    from .paths import project_root
+    from .rundir import RunDir
+    from .sweep import execute
+
+    parameters = _parameters(args)
     try:
         cfg = config_from_parameters(parameters)
     except ValueError as exc:
@@ -56,6 +63,44 @@ def _run(args: argparse.Namespace) -> int:
         print(f"advkit run: {name}: {getattr(exc, 'evalue', exc)}", file=sys.stderr)
         return 1
     print(f"advkit run: done; the executed notebook is {RunDir(cfg.run_dir).notebook}")
+    return 0
+
+
+def _numbers(option: str, text: str | None) -> list[float] | None:
+    """``--mean 0.485,0.456,0.406`` as floats (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--{option}={text!r} is not accepted; give numbers separated by commas, e.g. "
+                         "0.485,0.456,0.406") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """``advkit evaluate --arch A --weights FILE [--norm-inside | --mean M --std S] --name N [-p NAME VALUE]``: a
+    state dict the kit did not train, evaluated under the run's evaluation parameters into ``runs/N/``
+    (:func:`advkit.external.evaluate_weights`). Refusals (status 2) come before anything is written."""
+    from .config import config_from_parameters
+    from .external import evaluate_weights
+    from .rundir import RunLocked
+
+    parameters = _parameters(args)
+    try:
+        for option in ("arch", "dataset", "name"):
+            if getattr(args, option) is not None and option in parameters:
+                raise ValueError(f"{option} is given twice (--{option} and -p {option}); give it once")
+            if getattr(args, option) is not None:
+                parameters[option] = getattr(args, option)
+        mean, std = _numbers("mean", args.mean), _numbers("std", args.std)
+        cfg = config_from_parameters(parameters)
+        print(f"advkit evaluate: {cfg.name}: {cfg.arch}, norm={cfg.norm}, {args.weights} on {cfg.dataset} -> "
+              f"{cfg.run_dir}", flush=True)
+        results = evaluate_weights(cfg, args.weights, norm_inside=args.norm_inside, mean=mean, std=std)
+    except (ValueError, FileExistsError, FileNotFoundError, RunLocked) as exc:
+        print(f"advkit evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(results[["branch", "attack", "steps", "accuracy", "worst_accuracy", "n"]].to_string(index=False))
     return 0
 
 
@@ -90,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
                        help="a notebook parameter (the value is read as YAML); repeat for several")
     p_run.add_argument("-f", "--file", default=None, help="a YAML file of parameters")
     p_run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    p_eval = sub.add_parser("evaluate", help="evaluate a state dict the kit did not train (the paper's PGD curve, "
+                            "AutoAttack with -p eval_autoattack_n N) into a run folder; nothing is trained")
+    p_eval.add_argument("--arch", required=True, help="the kit's architecture the weights fit, e.g. resnet152")
+    p_eval.add_argument("--weights", required=True, metavar="FILE",
+                        help="a state dict (plain, or under 'state_dict'/'model'; 'module.' prefixes are stripped)")
+    p_eval.add_argument("--norm-inside", action="store_true",
+                        help="the weights' model normalises its [0, 1] inputs itself: the kit's normaliser is the "
+                             "identity")
+    p_eval.add_argument("--mean", metavar="M1,M2,M3", help="per-channel mean the weights expect their inputs "
+                        "normalised with (with --std; default: the data set's)")
+    p_eval.add_argument("--std", metavar="S1,S2,S3", help="per-channel standard deviation (with --mean)")
+    p_eval.add_argument("--dataset", default=None, help="evaluation data set (default: the preset's)")
+    p_eval.add_argument("--name", required=True, help="run folder: <runs_root>/<name>")
+    p_eval.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="an evaluation parameter (preset, n_test, eval_*, device ...; read as YAML); repeat")
+    p_eval.add_argument("-f", "--file", default=None, help="a YAML file of parameters")
     p_sweep = sub.add_parser("sweep", help="run every point of a sweep file through papermill")
     p_sweep.add_argument("file")
     p_sweep.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
@@ -116,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "sweep":
         try:
             return _sweep(args, parser)

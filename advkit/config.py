@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import attacks, autoattack, data, models, paper
+from . import attacks, autoattack, data, models, paper, tblog
 from . import norm as norm_module
 from .paths import resolve_output
 from .rundir import RunDir, write_atomic
@@ -36,6 +36,7 @@ class Config:
     resume: bool | str = False  # continue from <run>/checkpoints/last.pt; 'auto': resume, evaluate or start as the folder says
     overwrite: bool = False  # delete an existing run folder of the same name first
     seed: int = 0
+    tensorboard: bool = False  # also write TensorBoard event files into <run>/tensorboard/ (view: tensorboard --logdir runs)
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagenet
     data_root: str | None = None  # None: $ADVKIT_DATA or <repo>/data (imagenet: <that>/imagenet)
@@ -260,7 +261,7 @@ class ResumeConflict(ValueError):
 # What may differ between a run and its resumption: where things live, how it is evaluated and logged, and
 # nothing that changes the weights of the epochs already trained.
 RESUME_FREE = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
-               "decode", "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device")
+               "decode", "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device", "tensorboard")
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -360,6 +361,9 @@ def _check_values(cfg: Config) -> None:
         autoattack.require_torchattacks()  # an ImportError saying how to install it, before any compute
     check_choice("resume", cfg.resume, [False, True, "auto"])
     check_choice("overwrite", cfg.overwrite, [False, True])
+    check_choice("tensorboard", cfg.tensorboard, [False, True])
+    if cfg.tensorboard:
+        tblog.require_tensorboard()  # an ImportError saying how to install it, before any compute
 
 
 def _check_schedule(cfg: Config) -> None:

@@ -331,6 +331,14 @@ def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def sanity_table(model: nn.Module, cfg) -> pd.DataFrame | None:
+    """``sanity.csv``'s rows: :func:`sanity_for_run` (``sanity_n`` > 0) and, after :func:`autoattack_for_run`,
+    :func:`autoattack_sanity_for_run` (``eval_autoattack_n`` > 0); None when both are off."""
+    tables = [sanity_for_run(model, cfg)] if cfg.sanity_n else []
+    tables += [autoattack_sanity_for_run(model, cfg)] if cfg.eval_autoattack_n else []
+    return pd.concat(tables, ignore_index=True) if tables else None
+
+
 # Share of examples on which two PGD implementations fed the same draws must agree. Measured on the CPU, for the
 # plain PGD and for torchattacks: no example disagreed in over 1,000 (clean- and adversarially trained BN and MBN
 # models; PGD-3 to PGD-20, eps 16 and 32); the 1% absorbs a gradient-sign tie that rounding may flip elsewhere.

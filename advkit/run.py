@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import data, distributed, norm
+from . import data, distributed, external, norm, tblog
 from .bnstats import bnstats_for_run
 from .config import Config, ResumeConflict, config_from_file, evaluation_changed, resume_conflicts, validate
 from .device import environment, resolve_rank_device
-from .evaluate import autoattack_sanity_for_run, evaluate_model, sanity_for_run
+from .evaluate import evaluate_model, sanity_table
 from .rundir import RunDir, load_checkpoint
 from .train import TrainingInterrupted, build_model, check_loadable, train
 
@@ -129,12 +129,13 @@ def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
             model = train(cfg, show_progress, checkpoint)
             results = evaluate_model(model, cfg, show_progress=show_progress and ctx.main)
             if ctx.main:
-                sanity = [sanity_for_run(model, cfg)] if cfg.sanity_n else []
-                sanity += [autoattack_sanity_for_run(model, cfg)] if cfg.eval_autoattack_n else []
-                if sanity:
-                    run_dir.write_table(run_dir.sanity_file, pd.concat(sanity, ignore_index=True))
+                sanity = sanity_table(model, cfg)
+                if sanity is not None:
+                    run_dir.write_table(run_dir.sanity_file, sanity)
                 if cfg.bnstats_channels and norm.batch_norms(model):
                     run_dir.write_table(run_dir.bnstats_file, bnstats_for_run(model, cfg))
+                if cfg.tensorboard:
+                    tblog.log_evaluation(run_dir, results)
                 run_dir.write_table(run_dir.results_file, results)
                 run_dir.write_status("done")
             distributed.barrier(ctx)
@@ -159,7 +160,8 @@ def run_launched(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
 def load_run(run_dir: str | Path, branch: str | None = None, device: str | torch.device = "cpu"
              ) -> tuple[Config, nn.Module]:
     """A finished (or checkpointed) run's Config and trained model, in eval mode on ``device``, with the weights
-    of its last checkpoint (the state its results were computed from). ``branch`` ('clean' or 'adv') routes a
+    of its last checkpoint (the state its results were computed from; for an evaluation of external weights, the
+    weights of the file it names, see :mod:`advkit.external`). ``branch`` ('clean' or 'adv') routes a
     Mixture BN model through that branch; None leaves it as saved (switch with ``norm.use_branch``).
 
         cfg, model = advkit.load_run("runs/demo/adv100clean-mbn", branch="adv")
@@ -167,9 +169,12 @@ def load_run(run_dir: str | Path, branch: str | None = None, device: str | torch
     folder = RunDir(run_dir)
     if not folder.config_file.is_file():
         raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not a run folder: it has no config.json")
-    cfg = config_from_file(folder.config_file)
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(folder.path)["model"])
+    if external.is_evaluated(folder.config()):  # weights the kit did not train: read from the file it names
+        cfg, model = external.load_evaluated(folder.path)
+    else:
+        cfg = config_from_file(folder.config_file)
+        model = build_model(cfg)
+        model.load_state_dict(load_checkpoint(folder.path)["model"])
     if branch is not None:
         if not norm.has_mixture_bn(model):
             raise ValueError(f"branch={branch!r} is not accepted: run {run_dir} has norm={cfg.norm!r}, no Mixture BN; "

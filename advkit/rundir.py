@@ -7,6 +7,7 @@ writes of its small files, and checkpoints with their checksums.
         metrics.jsonl      one line per epoch                 checkpoints/last.pt, prev.pt
         results.csv        the robustness curves (last)       sanity.csv, bnstats.csv
         eval/<branch>-<hash>/   spec.json, batches/, examples.npz
+        tensorboard/train/, tensorboard/eval/   TensorBoard event files (tensorboard=True)
         experiment.ipynb   the executed notebook              .lock   held by the process writing the run
 
 No other module spells these names. The module imports no torch at load time (the analysis layer reads run
@@ -132,6 +133,18 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def tensorboard_train(self) -> Path:
+        return self.tensorboard_dir / "train"
+
+    @property
+    def tensorboard_eval(self) -> Path:
+        return self.tensorboard_dir / "eval"
 
     @property
     def notebook(self) -> Path:

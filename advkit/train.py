@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, distributed, models, norm
+from . import data, distributed, models, norm, tblog
 from .config import Config
 from .device import autocast, resolve_decode, resolve_rank_device, uses_channels_last
 from .rundir import RunDir, load_checkpoint
@@ -170,6 +170,7 @@ class Loop:
     step: int = 0
     totals: dict[str, float] = dataclasses.field(default_factory=dict)
     t_epoch: float = 0.0
+    writer: Any = None  # rank 0's TensorBoard writer (tensorboard=True), else None
 
 
 COUNTERS = ("loss", "batches", "n_adv", "correct_adv", "n_clean", "correct_clean", "attack_seconds")
@@ -182,13 +183,17 @@ def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | 
     Under torchrun every process calls it: the global batch is split across ranks, gradients are averaged by DDP,
     BN statistics stay per replica (as in the paper) unless ``sync_bn``, and only rank 0 writes. The model
     returned is, on every rank, the state of the last checkpoint's ``model`` (rank 0's, broadcast). SIGTERM
-    checkpoints and raises :class:`TrainingInterrupted`.
+    checkpoints and raises :class:`TrainingInterrupted`. With ``cfg.tensorboard`` rank 0 also writes each epoch's
+    metrics as TensorBoard scalars (:mod:`advkit.tblog`).
     """
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
     init_model = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
-    with sigterm_flag() as sigterm:  # a SIGTERM stops the run at a step boundary
+    resumed_step = checkpoint["step"] if checkpoint is not None else None
+    with sigterm_flag() as sigterm, tblog.training_writer(RunDir(cfg.run_dir), cfg.tensorboard and ctx.main,
+                                                          resumed_step) as writer:  # a SIGTERM stops at a step boundary
         loop = _set_up(cfg, RunDir(cfg.run_dir), device, ctx, init_model, sigterm, show_progress and ctx.main)
+        loop.writer = writer
         start_epoch, skip, resumed_totals = _restore(loop, checkpoint) if checkpoint is not None else (0, 0, None)
         for epoch in range(start_epoch, cfg.epochs):
             _run_epoch(loop, epoch, skip, resumed_totals)
@@ -275,7 +280,10 @@ def _run_epoch(loop: Loop, epoch: int, skip: int, resumed_totals: dict[str, floa
             bar.set_postfix(_progress(loop))
     seconds = time.perf_counter() - loop.t_epoch
     if loop.ctx.main:
-        loop.run.append_metrics(_epoch_record(loop, epoch, running_stats, seconds))
+        record = _epoch_record(loop, epoch, running_stats, seconds)
+        loop.run.append_metrics(record)
+        if loop.writer is not None:
+            tblog.log_epoch(loop.writer, record)
     else:
         _epoch_record(loop, epoch, running_stats, seconds)  # its all-reduce takes every rank
     _save(loop, epoch + 1, 0)

@@ -59,6 +59,8 @@ def _check(command: str) -> None:
             config.config_from_parameters(_parameters(words))
         if words[1] == "sweep":
             sweep.load_sweep(ROOT / words[2])
+        if words[1] == "evaluate":
+            config.config_from_parameters(_parameters(words) | {"arch": words[words.index("--arch") + 1]})
     elif program == "papermill":
         notebook = next(w for w in words[1:] if w.endswith(".ipynb"))
         assert (ROOT / notebook).exists(), command

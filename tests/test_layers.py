@@ -10,7 +10,8 @@ PACKAGE = paths.project_root() / "advkit"
 TIERS = {  # higher imports lower (or its own tier), never the other way
     0: {"validate", "paths", "paper"},  # leaf facts and checks: no torch, no other advkit module
     1: {"attacks", "autoattack", "fold", "norm", "models", "data", "distributed"},  # core: knows no runs
-    2: {"config", "device", "rundir", "strategy", "train", "evaluate", "bnstats", "run", "examples"},  # experiment
+    2: {"config", "device", "rundir", "strategy", "train", "evaluate", "bnstats", "run", "examples", "external",
+        "tblog"},  # experiment
     3: {"results", "plots", "study", "explore"},  # analysis: no torch
     4: {"cli", "sweep", "figures", "bench"},  # face
 }
