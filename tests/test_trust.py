@@ -6,6 +6,7 @@ leaving the model's flags alone, the exponential schedule's interval, fp32 evalu
 about its environment, late-discovered bad inputs, and ``advkit.load_run``.
 """
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -167,7 +168,8 @@ def test_bn_statistics_use_the_runs_own_training_batches_and_attack(tmp_path, mo
     monkeypatch.setattr(bnstats, "figure_statistics", capture)
     model = train.build_model(cfg)
     bnstats.bnstats_for_run(model, cfg)
-    assert seen["clean_start_prob"] == 0.7 and seen["bn_mode"] == "batch"
+    assert seen["attack"].clean_start_prob == 0.7 and seen["attack"].bn_mode == "batch"
+    assert seen["attack"] == dataclasses.replace(cfg.training_attack, compile=False)  # the run's training attack
     images, labels = data.load_tensors("fashion-mnist", "train")
     subset = images[data.subset_indices(len(labels), cfg.n_train, cfg.seed)]
     own = {bytes(image.flatten().tolist()) for image in subset}
