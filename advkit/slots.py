@@ -108,6 +108,16 @@ def _ready(point: Point, failed: set[str], succeeded: set[str], deferred: set[st
     return True
 
 
+def _started(start: Start, batch: list[tuple[Point, list[str]]]) -> list[Check]:
+    """``start(batch)``; if it raises (e.g. sbatch refuses the job), a check per point that reports why."""
+    try:
+        return start(batch)
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        reason = f"not started: {type(exc).__name__}: {lines[-1].strip()}"
+        return [lambda: reason for _ in batch]
+
+
 def schedule(points: list[Point], start: Start, slots: list[str] | None = None, poll_s: float = 0.2,
              most: int | None = None) -> dict[str, list]:
     """Run ``points`` through ``start``: in the sweep's order, each as soon as its source (a finetuning point's
@@ -132,7 +142,7 @@ def schedule(points: list[Point], start: Start, slots: list[str] | None = None, 
             waiting.remove(point)
             batch.append((point, devices))
         if batch:
-            running += [(point, devices, check) for (point, devices), check in zip(batch, start(batch))]
+            running += [(point, devices, check) for (point, devices), check in zip(batch, _started(start, batch))]
         still = []
         for point, devices, check in running:
             error = check()

@@ -86,6 +86,9 @@ def test_every_point_gets_a_slot_and_two_run_at_once_on_one_device_given_twice(t
     assert fake.devices() == {"a": ["0"], "b": ["1"]}  # spread over the devices first
     fake, _ = _schedule(tmp_path, [{"name": n} for n in "abc"], "3")
     assert fake.most == 1 and fake.devices() == {n: ["3"] for n in "abc"}
+    fake = FakeLauncher()  # no slots (submitit jobs), at most 2 at once (cluster=local, array_parallelism=2)
+    points = sweep.load_sweep(_sweep_file(tmp_path, [{"name": n} for n in "abcde"]))
+    assert slots.schedule(points, fake, None, poll_s=0, most=2)["done"] == list("abcde") and fake.most == 2
 
 
 def test_a_finetuning_point_starts_after_its_source_and_is_not_run_if_the_source_failed(tmp_path):
@@ -104,14 +107,58 @@ def test_a_finetuning_point_starts_after_its_source_and_is_not_run_if_the_source
     assert "ft" not in fake.devices()
 
 
+def test_a_launch_that_fails_fails_its_points_only(tmp_path):
+    """E.g. sbatch refusing a job (an unknown partition): those points fail with the reason, the rest run."""
+    fake = FakeLauncher()
+
+    def start(batch):
+        if batch[0][0].config.name == "b":
+            raise RuntimeError("sbatch: error: Batch job submission failed\ninvalid partition specified: gpux")
+        return fake(batch)
+
+    outcome = slots.schedule(sweep.load_sweep(_sweep_file(tmp_path, [{"name": n} for n in "abc"])), start, ["0"],
+                             poll_s=0)
+    assert outcome["done"] == ["a", "c"]
+    assert outcome["failed"][0][::2] == ("b", "not started: RuntimeError: invalid partition specified: gpux")
+
+
 def test_a_point_with_gpus_2_takes_two_slots_of_distinct_devices(tmp_path):
     fake, outcome = _schedule(tmp_path, [{"name": "one"}, {"name": "two", "gpus": 2}, {"name": "three"}], "0,0,1,1")
     assert outcome["done"] == ["one", "two", "three"]
     devices = fake.devices()
     assert sorted(devices["two"]) == ["0", "1"]
     assert fake.most == 3  # one + two hold three of the four slots; three took the last one
+    fake, _ = _schedule(tmp_path, [{"name": "two", "gpus": 2}, {"name": "a"}], "0,0,1,1")
+    assert sorted(fake.devices()["two"]) == ["0", "1"] and fake.devices()["a"] in (["0"], ["1"])
     fake, _ = _schedule(tmp_path, [{"name": "two", "gpus": 2}, {"name": "a"}, {"name": "b"}], "0,1")
     assert fake.index("start", "a") > fake.index("end", "two")  # points start in the sweep's order
+
+
+def test_a_point_in_use_by_another_process_is_left_to_it_until_the_end(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    f = _sweep_file(tmp_path, [{"name": n} for n in "abc"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from advkit.rundir import RunDir\n"
+                               f"with RunDir({str(tmp_path / 'runs' / 'a')!r}).lock():\n"
+                               "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        fake = FakeLauncher()
+        outcome = slots.schedule(sweep.load_sweep(f), fake, ["0"], poll_s=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert outcome["done"] == ["b", "c", "a"]  # its own process then waits for the holder, as run_points does
+    assert re.search(r"\[sweep\] a is in use by pid \d+ .*: left to it for now", capsys.readouterr().out)
+
+
+def test_point_runs_one_named_point_and_refuses_an_unknown_name(tmp_path, capsys):
+    f = _sweep_file(tmp_path, [{"name": "a"}, {"name": "b"}])
+    assert cli.main(["sweep", str(f), "--point", "c"]) == 2
+    assert re.fullmatch(r"advkit sweep: --point='c' is not accepted: \S+ has no point of that name; its points: "
+                        r"\['a', 'b'\]\n", capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("gpus, bad", [("", ""), ("0,,1", ""), ("0,x", "x"), ("-1", "-1"), ("0.5", "0.5"),
