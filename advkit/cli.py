@@ -11,20 +11,51 @@ import sys
 
 
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .sweep import load_sweep, run_shards, run_sweep, shard_points
+    from .sweep import run_shards, run_sweep
 
     try:
         shard, shards = (int(part) for part in args.shard.split("/"))
     except ValueError:
         parser.error(f"--shard={args.shard!r} is not accepted; give I/N with integers, e.g. 0/2")
+    chosen = [f"--{name}" for name in ("gpus", "slurm", "point") if getattr(args, name) is not None]
+    if chosen and (args.jobs != 1 or args.shard != "0/1"):
+        parser.error(f"{chosen[0]} is not accepted together with --jobs or --shard; give one way to run the sweep")
     if args.check:
-        for point in shard_points(load_sweep(args.file), shard, shards):
-            print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
-        return 0
+        return _check_sweep(args, shard, shards)
+    if args.point is not None:
+        from .slots import run_point
+
+        return run_point(args.file, args.point, args.kernel)
+    if args.gpus is not None:
+        from .slots import run_slots
+
+        return 1 if run_slots(args.file, args.gpus, args.kernel)["failed"] else 0
+    if args.slurm is not None:
+        from .slurm import run_slurm
+
+        return 1 if run_slurm(args.file, args.slurm, args.kernel)["failed"] else 0
     if args.jobs != 1:
         return run_shards(args.file, args.jobs, args.kernel)
     outcome = run_sweep(args.file, kernel=args.kernel, shard=shard, shards=shards)
     return 1 if outcome["failed"] else 0
+
+
+def _check_sweep(args: argparse.Namespace, shard: int, shards: int) -> int:
+    """``--check``: validate the file (and --gpus or --slurm with its points) and list the points; run nothing."""
+    from .sweep import load_sweep, shard_points
+
+    points = shard_points(load_sweep(args.file), shard, shards)
+    if args.gpus is not None:
+        from .slots import check_devices, parse_gpus
+
+        check_devices(points, parse_gpus(args.gpus))
+    if args.slurm is not None:
+        from .slurm import check_points, parse_slurm
+
+        check_points(points, parse_slurm(args.slurm))
+    for point in points:
+        print(f"{point.config.name}: {point.config.strategy}, norm={point.config.norm} -> {point.output}")
+    return 0
 
 
 def _parameters(args: argparse.Namespace) -> dict:
@@ -159,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                          help="run only shard I of N (0-based), e.g. 0/2 and 1/2 in two processes (default: 0/1)")
     p_sweep.add_argument("--jobs", type=int, default=1, metavar="N",
                          help="run the sweep as N shards at once, each with cores/N threads (default: 1)")
+    where = p_sweep.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default=None, metavar="0,1,2,3",
+                       help="one point per slot at once, each process seeing only its device (0,0,1,1: two per "
+                            "device); a point with gpus: N takes N slots of distinct devices")
+    where.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
+                       help="one submitit job per point, e.g. partition=gpu,timeout_min=240 (keys: cluster, partition, "
+                            "account, qos, constraint, timeout_min, gpus_per_node, cpus_per_task, mem_gb, "
+                            "signal_delay_s, array_parallelism, max_num_timeout, folder)")
+    where.add_argument("--point", default=None, metavar="NAME",
+                       help="run only the point NAME (what each --gpus slot and --slurm job runs)")
     p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table (exit "
                            "status 1: some run folders are damaged, listed on stderr; 2: no such folder)")
     p_sum.add_argument("root")

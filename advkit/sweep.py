@@ -300,11 +300,24 @@ def _run_point(point: Point, kernel: str | None, progress: bool) -> None:
     execute(point.notebook, cfg, kernel, progress)
 
 
-def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
-              shards: int = 1) -> dict[str, list]:
-    """Run every unfinished point (of one shard) through papermill; return {'done', 'skipped', 'failed'} lists.
-    Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on. A point in use
-    by another process (another sweep of the same file) is left to it; at the end this sweep waits for that
+def up_to_date(point: Point) -> bool:
+    """Whether the point's run is finished with what the sweep file now gives (nothing to do: skip it); a finished
+    run trained with other parameters raises ValueError naming them. Changed evaluation parameters: not up to
+    date (the run is evaluated again)."""
+    if not finished(point):
+        return False
+    conflicts = finished_differently(point)
+    if conflicts:
+        raise ValueError(f"the finished run {point.config.run_dir} was trained with other parameters than the sweep "
+                         f"file now gives ({'; '.join(conflicts)}); restore the file, or delete the run to train it "
+                         "anew")
+    return not evaluation_changed(RunDir(point.config.run_dir).config(), point.config)
+
+
+def run_points(points: list[Point], kernel: str | None = None, progress: bool = True) -> dict[str, list]:
+    """Run every unfinished point of ``points``, in order, through papermill; return {'done', 'skipped', 'failed'}
+    lists. Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on. A point in
+    use by another process (another sweep of the same file) is left to it; at the end this sweep waits for that
     process and runs the point only if it did not finish, so every point is trained once."""
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     elsewhere: list[Point] = []
@@ -312,16 +325,10 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
     def attempt(point: Point) -> None:
         name = point.config.name
         try:
-            saved = RunDir(point.config.run_dir).config() if finished(point) else None
-            if saved is not None and not finished_differently(point) and not evaluation_changed(saved, point.config):
+            if up_to_date(point):
                 outcome["skipped"].append(name)
                 print(f"[sweep] skip {name}: finished", flush=True)
                 return
-            conflicts = finished_differently(point) if finished(point) else []
-            if conflicts:
-                raise ValueError(f"the finished run {point.config.run_dir} was trained with other parameters than "
-                                 f"the sweep file now gives ({'; '.join(conflicts)}); restore the file, or delete "
-                                 "the run to train it anew")
             holder = RunDir(point.config.run_dir).locked_by_other()
             if holder is not None and point not in elsewhere:
                 elsewhere.append(point)
@@ -337,17 +344,30 @@ def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True
                 return
             outcome["failed"].append((name, str(point.output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
 
-    for point in shard_points(load_sweep(path), shard, shards):
+    for point in points:
         attempt(point)
     for point in elsewhere:
         with RunDir(point.config.run_dir).lock(wait=True):  # wait for the other process to let go
             pass
         attempt(point)
+    return outcome
+
+
+def report(outcome: dict[str, list]) -> None:
+    """Print each failure (with the failing notebook's path, where it ran) and the counts."""
     for name, notebook, error in outcome["failed"]:
         where = f": see {notebook}" if Path(notebook).is_file() else " before its notebook ran:"
         print(f"[sweep] FAILED {name}{where}\n    {error}", flush=True)
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)
+
+
+def run_sweep(path: str | Path, kernel: str | None = None, progress: bool = True, shard: int = 0,
+              shards: int = 1) -> dict[str, list]:
+    """Run every unfinished point (of one shard) through papermill (:func:`run_points`), report the failures and
+    counts; return {'done', 'skipped', 'failed'} lists."""
+    outcome = run_points(shard_points(load_sweep(path), shard, shards), kernel, progress)
+    report(outcome)
     return outcome
 
 
