@@ -346,8 +346,8 @@ def memory_probe(kind: str, arch: str, device: torch.device, batch_size: int, st
     images, labels = fashion_batch(batch_size, device)
 
     def curve() -> None:
-        evaluate.curve_batch(model.eval(), images, labels, checkpoints=[1, 2, steps], eps=16.0, step=1.0,
-                             num_classes=NUM_CLASSES)
+        evaluate.curve_batch(model.eval(), images, labels, attacks.Attack(eps=16.0, step=1.0),
+                             checkpoints=[1, 2, steps], num_classes=NUM_CLASSES)
 
     def forward_backward() -> None:
         F.cross_entropy(model.train()(images), labels).backward()
