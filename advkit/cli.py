@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sum.add_argument("root")
     p_study = sub.add_parser("study", help="export the study's runs into data/results/study and print the claims")
     p_study.add_argument("--runs", default="runs/study", help="study runs root (default: runs/study)")
+    p_study.add_argument("--tables", default=None,
+                         help="the study's tables (default: data/results/study; the decisive study: "
+                              "data/results/decisive)")
     p_study.add_argument("--no-export", action="store_true", help="only print the claims of the committed tables")
     p_fig = sub.add_parser("figures", help="execute every analysis notebook headlessly: figures and tables")
     p_fig.add_argument("--runs", default="runs", help="runs root searched recursively (default: runs)")
@@ -228,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "study":
         from . import study
-        from .paths import resolve_output
+        from .paths import project_root, resolve_output
 
+        tables = study.TABLES_DIR if args.tables is None else project_root() / args.tables
         if not args.no_export:
-            print(study.export(resolve_output(args.runs)))
-        runs, bnstats = study.load()
-        print(study.findings_markdown(study.claims(runs, bnstats)))
+            print(study.export(resolve_output(args.runs), tables))
+        claims = study.all_claims(*study.load(tables))
+        print(study.findings_markdown(claims))
+        print(f"\nundecided (the stopping rule):\n{study.undecided(claims).to_string(index=False)}")
         return 0
     if args.command == "figures":
         from .figures import run_analysis_notebooks

@@ -80,6 +80,8 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
                                  setting=bnstats["run"].map(setting_of))
         bnstats = bnstats[bnstats["setting"].isin(BNSTATS_SETTINGS) & (bnstats["statistic"] != "var_biased")]
         bnstats = bnstats[BNSTATS_COLUMNS]
+    else:  # no run recorded Figure 5-6 statistics (bnstats_channels 0)
+        bnstats = pd.DataFrame(columns=BNSTATS_COLUMNS)
     tables["bnstats"] = _merge(bnstats, out_dir / "bnstats.csv", ["sweep", "run", "figure", "branch", "channel",
                                                                    "source", "statistic"])
     rows = []
@@ -90,7 +92,8 @@ def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DI
             warnings.warn(f"training.csv leaves out {exc}", stacklevel=2)
             continue
         rows += [{"sweep": run_dir.parent.name, "run": run_dir.name} | record for record in records]
-    tables["training"] = _merge(pd.DataFrame(rows), out_dir / "training.csv", ["sweep", "run", "epoch"])
+    training = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["sweep", "run", "epoch"])
+    tables["training"] = _merge(training, out_dir / "training.csv", ["sweep", "run", "epoch"])
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv", index=False, float_format="%.6g")
     return {name: len(table) for name, table in tables.items()}

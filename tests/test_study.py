@@ -166,3 +166,17 @@ def test_c9b_is_zero_in_expectation_under_sampling_noise_alone():
     shifted = study.threat_free_claims(pd.DataFrame(columns=["setting", "branch", "arch", "steps", "seed",
                                                              "accuracy"]), table(0.3)).set_index("claim")
     assert shifted.loc["C9b", "mean"] > 10
+
+
+def test_the_study_command_exports_into_the_tables_it_is_given_and_prints_the_stopping_rule(tmp_path, capsys):
+    from advkit import cli
+
+    cfg = config.make_config("test", name="adv-clean0-seed0", runs_root=str(tmp_path / "runs" / "main"),
+                             clean_ratio=0.0, n_train=128, epochs=1, train_steps=1, eval_checkpoints=[1], n_test=32,
+                             sanity_n=0, bnstats_channels=0)
+    run.run(cfg, show_progress=False)
+    assert cli.main(["study", "--runs", str(tmp_path / "runs"), "--tables", str(tmp_path / "tables")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "tables" / "runs.csv").exists() and "undecided (the stopping rule)" in out
+    runs, _ = study.load(tmp_path / "tables")
+    assert set(runs["setting"]) == {"adv-clean0"} and runs["code"].notna().all()  # the commit that trained it
