@@ -109,7 +109,9 @@ def test_the_notebook_parameters_cell_defaults_to_the_preset_and_shows_each_pres
     lines = [line for line in cell.splitlines()[1:]]
     assert all(" = None  # " in line for line in lines)
     epochs = next(line for line in lines if line.startswith("epochs:"))
-    assert "test 2, demo 4, paper 110" in epochs and "=" not in epochs.split("#", 1)[1]
+    shown = ", ".join(f"{name} {values.get('epochs', config.Config().epochs)}" for name, values in config.PRESETS.items())
+    assert f"[None: {shown}]" in epochs and "=" not in epochs.split("#", 1)[1]
+    assert "study 8" in epochs and "paper 110" in epochs
 
 
 def _losses(weighting: str, alpha: float, clean_ratio: float) -> float:
