@@ -314,7 +314,7 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
         row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
                    "(near: the paper finds no robustness gained)",
             paired(acc("ft-adv"), acc("standard")), fx["C7c"], near=True),
-        row("C8", f"gain from small_resnet8 to {deepest}: {strongest} of adversarial training minus clean "
+        row("C8", f"gain from small_resnet8 to {deepest or 'a deeper ResNet'}: {strongest} of adversarial training minus clean "
                   "accuracy of standard training",
             paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
                    paired(acc("standard", arch=deepest, steps=0), acc("standard", arch="small_resnet8", steps=0)))
@@ -374,13 +374,20 @@ def all_claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
 
 
 def settings_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% interval over seeds of clean and strongest-attack accuracy for every setting and branch."""
+    """Mean and 95% interval over seeds of the clean accuracy, the strongest targeted PGD and (where evaluated)
+    AutoAttack for every setting and branch."""
     rows = []
+    runs = runs.assign(attack=attack_of(runs))
     for (sweep, setting, arch, branch), group in runs.groupby(["sweep", "setting", "arch", "branch"]):
-        for label, steps in (("clean", 0), ("strongest", group["steps"].max())):
-            mean, low, high = t_interval(group[group["steps"] == steps].groupby("seed")["accuracy"].mean())
+        for attack in ("clean", "pgd", "autoattack"):
+            chosen = group[group["attack"] == attack]
+            if chosen.empty:
+                continue
+            steps = chosen["steps"].max()
+            mean, low, high = t_interval(chosen[chosen["steps"] == steps].groupby("seed")["accuracy"].mean())
+            label = {"clean": "clean", "pgd": f"PGD-{steps}", "autoattack": "AutoAttack"}[attack]
             rows.append(dict(sweep=sweep, setting=setting, arch=arch, branch=branch, metric=label, steps=steps,
-                             mean=mean, low=low, high=high, seeds=group["seed"].nunique()))
+                             mean=mean, low=low, high=high, seeds=chosen["seed"].nunique()))
     return pd.DataFrame(rows)
 
 

@@ -180,3 +180,14 @@ def test_the_study_command_exports_into_the_tables_it_is_given_and_prints_the_st
     assert (tmp_path / "tables" / "runs.csv").exists() and "undecided (the stopping rule)" in out
     runs, _ = study.load(tmp_path / "tables")
     assert set(runs["setting"]) == {"adv-clean0"} and runs["code"].notna().all()  # the commit that trained it
+
+
+def test_the_settings_summary_keeps_pgd_and_autoattack_apart():
+    """Both are evaluated at 100 iterations: the summary must not average them (it did before this test)."""
+    rows = [dict(sweep="main", run=f"adv-clean0-seed{seed}", setting="adv-clean0", seed=seed, arch="small_resnet8",
+                 branch="-", attack=attack, steps=steps, accuracy=value)
+            for seed in range(2) for attack, steps, value in (("clean", 0, 88.0), ("pgd", 100, 86.0),
+                                                              ("apgd-ce", 100, 70.0), ("autoattack", 100, 69.0))]
+    summary = study.settings_summary(pd.DataFrame(rows)).set_index("metric")
+    assert summary.loc["clean", "mean"] == 88.0 and summary.loc["PGD-100", "mean"] == 86.0
+    assert summary.loc["AutoAttack", "mean"] == 69.0
