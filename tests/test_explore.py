@@ -270,7 +270,8 @@ def test_viewer_failure_is_shown_not_raised():
 
 
 def _claims(threat: bool) -> pd.DataFrame:
-    table = pd.read_csv(PROJECT / "figures" / "study_claims.csv")
+    table = pd.read_csv(PROJECT / "figures" / "study_claims.csv").drop(columns=["threat_model"], errors="ignore")
+    table = table.drop_duplicates("claim")  # one row per claim, as a table written before threat models
     if threat:
         table = pd.concat([table.assign(threat_model="targeted PGD"),
                            table.head(2).assign(threat_model="AutoAttack", mean=-3.0, low=-5.0, high=-1.0)])
