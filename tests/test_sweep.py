@@ -118,15 +118,18 @@ def test_every_shipped_sweep_file_is_valid(path):
             assert any(q.config.run_dir == config.Path(p.config.init_checkpoint) for q in points)
 
 
-def test_finetuning_points_start_from_an_earlier_point_with_the_same_grid_values(tmp_path):
-    f = _write(tmp_path / "ft.yaml", f"""
-runs_root: {tmp_path / 'runs'}
+FINETUNING_SWEEP = """
+runs_root: {runs}
 base: {{preset: test}}
 grid: {{seed: [0, 1]}}
 points:
   - {{name: adv, clean_ratio: 0}}
   - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
-""")
+"""  # a point and its finetuning over two seeds
+
+
+def test_finetuning_points_start_from_an_earlier_point_with_the_same_grid_values(tmp_path):
+    f = _write(tmp_path / "ft.yaml", FINETUNING_SWEEP.format(runs=tmp_path / "runs"))
     points = {p.config.name: p.config for p in sweep.load_sweep(f)}
     assert points["ft-seed1"].init_checkpoint == str(tmp_path / "runs" / "adv-seed1")
     bad = _write(tmp_path / "bad.yaml", "base: {preset: test}\npoints:\n"
@@ -136,14 +139,7 @@ points:
 
 
 def test_order_grid_runs_every_point_of_one_seed_before_the_next_seed(tmp_path):
-    text = f"""
-runs_root: {tmp_path / 'runs'}
-base: {{preset: test}}
-grid: {{seed: [0, 1]}}
-points:
-  - {{name: adv, clean_ratio: 0}}
-  - {{name: ft, finetune_bn: true, init_checkpoint: "run:adv", adv_ratio: 0, clean_ratio: 1}}
-"""
+    text = FINETUNING_SWEEP.format(runs=tmp_path / "runs")
     by_point = [p.config.name for p in sweep.load_sweep(_write(tmp_path / "p.yaml", text))]
     by_grid = sweep.load_sweep(_write(tmp_path / "g.yaml", text + "order: grid\n"))
     assert by_point == ["adv-seed0", "adv-seed1", "ft-seed0", "ft-seed1"]
