@@ -20,8 +20,15 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     chosen = [f"--{name}" for name in ("gpus", "slurm", "point") if getattr(args, name) is not None]
     if chosen and (args.jobs != 1 or args.shard != "0/1"):
         parser.error(f"{chosen[0]} is not accepted together with --jobs or --shard; give one way to run the sweep")
+    if args.check and args.plan:
+        parser.error("--check and --plan are not accepted together; give one")
     if args.check:
         return _check_sweep(args, shard, shards)
+    if args.plan:
+        from .plan import run_plan
+        from .sweep import load_sweep, shard_points
+
+        return run_plan(args.file, shard_points(load_sweep(args.file), shard, shards))
     if args.point is not None:
         from .slots import run_point
 
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("file")
     p_sweep.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     p_sweep.add_argument("--check", action="store_true", help="validate the file and list its points; run nothing")
+    p_sweep.add_argument("--plan", action="store_true",
+                         help="print each point's state and core-minutes (measured, or the median of its finished "
+                              "seeds) and the core-hours left; run nothing")
     p_sweep.add_argument("--shard", default="0/1", metavar="I/N",
                          help="run only shard I of N (0-based), e.g. 0/2 and 1/2 in two processes (default: 0/1)")
     p_sweep.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -13,7 +13,7 @@ TIERS = {  # higher imports lower (or its own tier), never the other way
     2: {"config", "device", "rundir", "strategy", "train", "evaluate", "bnstats", "run", "examples", "external",
         "tblog"},  # experiment
     3: {"results", "plots", "study", "explore"},  # analysis: no torch
-    4: {"cli", "sweep", "slots", "slurm", "figures", "bench"},  # face
+    4: {"cli", "sweep", "plan", "slots", "slurm", "figures", "bench"},  # face
 }
 TIER = {module: tier for tier, modules in TIERS.items() for module in modules}
 

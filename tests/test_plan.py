@@ -1,0 +1,69 @@
+"""``advkit sweep FILE --plan``: core-minutes per run, measured for finished runs and estimated for the rest."""
+
+import json
+import os
+
+import pytest
+
+from advkit import cli, plan, sweep
+from advkit.rundir import RunDir
+
+
+def _finished_run(folder, epoch_seconds, evaluation_seconds, threads=1):
+    """A finished run folder whose metrics, checkpoint and results say how long it took."""
+    run = RunDir(folder)
+    folder.mkdir(parents=True)
+    run.config_file.write_text("{}")
+    run.environment_file.write_text(json.dumps({"torch_threads": threads}))
+    run.write_metrics([{"epoch": i + 1, "seconds": s, "processes": 1} for i, s in enumerate(epoch_seconds)])
+    run.checkpoints.mkdir()
+    run.last_checkpoint.write_bytes(b"weights")
+    run.results_file.write_text("branch,attack,steps,accuracy,worst_accuracy,n\n-,clean,0,0.9,0.9,10\n")
+    run.write_status("done")
+    os.utime(run.last_checkpoint, (1000.0, 1000.0))
+    os.utime(run.results_file, (1000.0 + evaluation_seconds, 1000.0 + evaluation_seconds))
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"""
+runs_root: {tmp_path / 'runs'}
+base: {{preset: test}}
+grid: {{seed: [0, 1, 2]}}
+points:
+  - {{name: cheap}}
+  - {{name: dear}}
+""")
+    return path
+
+
+def test_finished_runs_are_measured_and_the_others_take_the_median_of_their_point(sweep_file, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _finished_run(runs / "cheap-seed0", [60, 60, 6000], 60, threads=2)  # the 6000 s epoch was paused
+    _finished_run(runs / "cheap-seed2", [120, 120, 120], 120)
+    rows = {r["run"]: r for r in plan.plan(sweep.load_sweep(sweep_file))}
+    assert rows["cheap-seed0"]["minutes"] == pytest.approx((60 * 3 + 60) * 2 / 60)  # 8
+    assert rows["cheap-seed2"]["minutes"] == pytest.approx(8.0)
+    assert rows["cheap-seed1"] == dict(run="cheap-seed1", state="not started", minutes=pytest.approx(8.0),
+                                       source="median of 2")
+    assert rows["dear-seed0"]["minutes"] is None  # no finished run of this point: no estimate from another point
+
+    assert cli.main(["sweep", str(sweep_file), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "finished: 2 runs, 0.3 core-hours measured" in out
+    assert "left: 4 runs, about 0.1 core-hours" in out and "no estimate yet for dear" in out
+
+
+def test_a_run_that_is_not_finished_is_not_measured(sweep_file, tmp_path):
+    runs = tmp_path / "runs"
+    _finished_run(runs / "cheap-seed0", [60], 60)
+    RunDir(runs / "cheap-seed0").write_status("running")
+    rows = {r["run"]: r for r in plan.plan(sweep.load_sweep(sweep_file))}
+    assert rows["cheap-seed0"]["state"] == "running" and rows["cheap-seed0"]["minutes"] is None
+
+
+def test_plan_and_check_together_are_refused(sweep_file, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", str(sweep_file), "--plan", "--check"])
+    assert exc.value.code == 2 and "--check and --plan" in capsys.readouterr().err
