@@ -213,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p_sum = sub.add_parser("summary", help="print the results of every run under a folder as one table (exit "
                            "status 1: some run folders are damaged, listed on stderr; 2: no such folder)")
     p_sum.add_argument("root")
-    p_study = sub.add_parser("study", help="export the study's runs into data/results/study and print the claims")
-    p_study.add_argument("--runs", default="runs/study", help="study runs root (default: runs/study)")
+    p_study = sub.add_parser("study", help="export the study's runs into its tables and print the claims")
+    p_study.add_argument("--runs", default="runs/decisive", help="study runs root (default: runs/decisive)")
     p_study.add_argument("--tables", default=None,
-                         help="the study's tables (default: data/results/study; the decisive study: "
-                              "data/results/decisive)")
+                         help="the study's tables (default: data/results/decisive; the older three-seed study: "
+                              "data/results/study with --runs runs/study)")
+    p_study.add_argument("--readme", default=None, metavar="FILE",
+                         help="also rewrite the study section of FILE (between its study markers) from the tables")
     p_study.add_argument("--no-export", action="store_true", help="only print the claims of the committed tables")
     p_fig = sub.add_parser("figures", help="execute every analysis notebook headlessly: figures and tables")
     p_fig.add_argument("--runs", default="runs", help="runs root searched recursively (default: runs)")
@@ -244,11 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         from .paths import project_root, resolve_output
 
         tables = study.TABLES_DIR if args.tables is None else project_root() / args.tables
+        readme = None if args.readme is None else project_root() / args.readme
+        if readme is not None:
+            try:
+                study.readme_block(readme)  # refused before anything is exported
+            except (OSError, ValueError) as exc:
+                print(f"advkit study: --readme={args.readme!r} is not accepted: {exc}", file=sys.stderr)
+                return 2
         if not args.no_export:
             print(study.export(resolve_output(args.runs), tables))
         claims = study.all_claims(*study.load(tables))
         print(study.findings_markdown(claims))
         print(f"\nundecided (the stopping rule):\n{study.undecided(claims).to_string(index=False)}")
+        if readme is not None:
+            study.write_readme_section(readme, study.readme_section(tables))
+            print(f"[study] {readme}: study section rewritten from {tables}")
         return 0
     if args.command == "figures":
         from .figures import run_analysis_notebooks

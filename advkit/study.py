@@ -1,9 +1,10 @@
 """The Fashion-MNIST study: which of the paper's findings hold at laptop scale, measured over seeds.
 
-``export`` turns the study's run folders (``runs/study/<sweep>/<point>-seed<k>``) into small tidy tables under
-``data/results/study/`` (committed: the figures and the findings are made from them, and later sessions add to
-them). ``claims`` measures each claim of the paper's Sections 4-5 as a paired difference over seeds with a
-t-based 95% interval and gives a verdict by one rule (:func:`verdict`).
+``export`` turns the study's run folders (``runs/decisive/<sweep>/<point>-seed<k>``) into small tidy tables under
+``data/results/decisive/`` (committed: the figures, the README's study section and the findings are made from
+them, and later sessions add to them; the older three-seed study's are in ``data/results/study/``). ``claims``
+measures each claim of the paper's Sections 4-5 as a paired difference over seeds with a t-based 95% interval
+and gives a verdict by one rule (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .plots import VERDICT_COLORS, save
 from .rundir import RunDir
 from .results import DamagedRunError, attack_column, load_bnstats, load_runs, read_metrics
 
-TABLES_DIR = project_root() / "data" / "results" / "study"
+TABLES_DIR = project_root() / "data" / "results" / "decisive"  # the decisive study (issue 15)
+RUNS_ROOT = "runs/decisive"
 RUN_COLUMNS = ["sweep", "run", "setting", "seed", "arch", "norm", "strategy", "adv_ratio", "clean_ratio",
                "running_stats_epochs", "finetune_bn", "train_steps", "train_eps", "n_train", "epochs", "branch",
                "attack", "eps", "step", "steps", "accuracy", "worst_accuracy", "n", "weights", "precision", "device",
@@ -55,7 +57,7 @@ def _merge(new: pd.DataFrame, path: Path, keys: list[str]) -> pd.DataFrame:
     return new.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def export(runs_root: str | Path = "runs/study", out_dir: str | Path = TABLES_DIR) -> dict[str, int]:
+def export(runs_root: str | Path = RUNS_ROOT, out_dir: str | Path = TABLES_DIR) -> dict[str, int]:
     """Write ``runs.csv`` (accuracy per run, branch and PGD checkpoint, with the settings), ``bnstats.csv``
     (Figures 5-6 statistics) and ``training.csv`` (per-epoch metrics) for every finished run under
     ``runs_root``, merged with what ``out_dir`` already holds. Returns the row count of each table."""
@@ -448,10 +450,8 @@ def plot_curves(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Fig
     return fig
 
 
-def plot_claims(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
-    """Each claim's effect (percentage points) with its 95% interval; the sign the paper predicts is right of 0
-    after flipping claims whose predicted sign is negative (C7b, C7c)."""
-    fig, ax = plt.subplots(figsize=(6, 0.35 * len(table) + 1))
+def _claim_points(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """Each row's effect and 95% interval in the paper's predicted direction, its verdict at the right."""
     for i, r in enumerate(table.itertuples()):
         if r.seeds:
             low, high = sorted((r.low * r.direction, r.high * r.direction))
@@ -460,13 +460,55 @@ def plot_claims(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Fi
                         color=VERDICT_COLORS.get(r.verdict, "tab:gray"))
         ax.text(1.02, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}"
-                                      f"{', ' + r.threat_model if 'threat_model' in table else ''}"
+    ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}, {r.threat_model}"
                                       for r in table.itertuples()], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("effect in the paper's predicted direction (percentage points; C9a: log2 ratio x 100)")
-    ax.set_title("The paper's claims on Fashion-MNIST: effect and 95% interval over seeds", fontsize=9)
+    ax.set_ylim(len(table) - 0.5, -0.5)
+
+
+def plot_claims(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """Each claim's effect with its 95% interval, in the paper's predicted direction (C7b flipped): accuracy
+    claims in percentage points on one axis, the BN-statistics claims (C9a, C9b) on their own."""
+    if "threat_model" not in table:
+        table = table.assign(threat_model="targeted PGD")
+    bn = table["threat_model"] == "BN statistics"
+    parts = [(table[~bn], "accuracy effect in the paper's predicted direction (percentage points)"),
+             (table[bn], "C9a: mean log2(adv / clean) running variance x 100;\n"
+                         "C9b: |batch - running| minus |batch1 - batch2| / sqrt(2), % of running")]
+    parts = [(rows, label) for rows, label in parts if len(rows)]
+    fig, axes = plt.subplots(len(parts), 1, figsize=(6.5, 0.3 * len(table) + 1.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(len(rows), 1) for rows, _ in parts]})
+    for ax, (rows, label) in zip(axes[:, 0], parts):
+        _claim_points(ax, rows)
+        ax.set_xlabel(label, fontsize=8)
+    axes[0, 0].set_title("The paper's claims on Fashion-MNIST: effect and 95% interval over seeds", fontsize=9)
     _save(fig, "study_claims", folder)
+    return fig
+
+
+def plot_scale(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
+    """C1 (100% adv + 0% clean minus 100% adv + 100% clean) against the training-set size, per threat model,
+    with 95% intervals over seeds: the paper's Section 4.2 expects it to grow with the data."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    names = {f"C1@{n // 1024}k" if suffix else "C1": n for suffix, n in SCALE_SIZES.items()}
+    for threat_model, marker in (("targeted PGD", "o-"), ("AutoAttack", "s--")):
+        rows = table[(table["threat_model"] == threat_model) & table["claim"].isin(names) & (table["seeds"] > 0)]
+        if rows.empty:
+            continue
+        rows = rows.assign(images=rows["claim"].map(names)).sort_values("images")
+        err = np.nan_to_num([rows["mean"] - rows["low"], rows["high"] - rows["mean"]])
+        ax.errorbar(rows["images"], rows["mean"], yerr=err, fmt=marker, capsize=3,
+                    label=f"{threat_model} (n={rows['seeds'].min()}-{rows['seeds'].max()} seeds)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(SCALE_SIZES.values()), [f"{n:,}" for n in SCALE_SIZES.values()])
+    ax.set_xlabel("training images (8 epochs each)")
+    ax.set_ylabel("C1: 0% minus 100% clean (points)")
+    ax.set_title("The clean-image effect against the data set's size", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no scale-axis runs yet", transform=ax.transAxes, ha="center", fontsize=8)
+    _save(fig, "study_scale", folder)
     return fig
 
 
@@ -533,3 +575,110 @@ def undecided(table: pd.DataFrame) -> pd.DataFrame:
     seeds so far and the interval's half-width."""
     rows = table[~table["decided"].astype(bool)]
     return rows.assign(half_width=(rows["high"] - rows["low"]) / 2)[["claim", "threat_model", "seeds", "half_width"]]
+
+
+# ---------------------------------------------------------------- the README's study section
+
+CLAIM_TITLES = {  # what the paper finds, in a few words (README table)
+    "C1": "clean images in training cost robustness",
+    "C1-scale": "... and more so with more data (per doubling)",
+    "C2a": "Mixture BN: MBN_adv beats BN",
+    "C2c": "MBN_adv is as robust as 100% adv + 0% clean",
+    "C2b": "MBN_clean keeps the clean accuracy",
+    "C3": "GroupNorm beats BN",
+    "C3b": "GroupNorm is as robust as 100% adv + 0% clean",
+    "C4": "BN running statistics in the last epoch help",
+    "C5": "with clean images, accuracy falls further with PGD-N",
+    "C6": "a weaker training attack hurts mixed training more",
+    "C7a": "BN-only finetuning on clean images regains clean accuracy",
+    "C7b": "adversarial BNs on clean filters: far below adversarial training",
+    "C7c": "... and no robustness gained",
+    "C8": "depth helps adversarial more than standard training",
+    "C9a": "adversarial images give larger BN variances",
+    "C9b": "batch variances differ from running ones beyond noise",
+}
+README_BEGIN = ("<!-- study:begin (written by advkit study --readme README.md from data/results/decisive; "
+                "tests/test_study.py checks it) -->")
+README_END = "<!-- study:end -->"
+
+
+def readme_block(path: str | Path) -> str:
+    """The text between the study markers of ``path``; ValueError naming a missing marker."""
+    text = Path(path).read_text()
+    for marker in (README_BEGIN, README_END):
+        if marker not in text:
+            raise ValueError(f"{path} has no line {marker!r}")
+    return text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n")
+
+
+def write_readme_section(path: str | Path, section: str) -> None:
+    """Replace the text between the study markers of ``path`` with ``section``."""
+    readme_block(path)
+    text = Path(path).read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    Path(path).write_text(f"{head}{README_BEGIN}\n{section}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def _verdict_cell(row: pd.Series) -> str:
+    ruled_out = ", the paper's effect ruled out" if "ruled out" in row["paper_size"] else ""
+    return f"{row['verdict']}{ruled_out}"
+
+
+def _mean_text(summary: pd.DataFrame, metric: str) -> str:
+    row = summary[summary["metric"] == metric]
+    if row.empty:
+        return "not run yet"
+    r = row.iloc[0]
+    return f"{r['mean']:.1f}" + (f" [{r['low']:.1f}, {r['high']:.1f}]" if r["seeds"] > 1 else "")
+
+
+def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
+    """The README's study section, every number from the committed tables in ``tables_dir``: the validity
+    gates, what 100% adv + 0% clean reaches, and each claim under targeted PGD and AutoAttack beside the
+    paper's effect with the verdict of the pre-registered rule."""
+    tables_dir = Path(tables_dir)
+    runs, bnstats = load(tables_dir)
+    table = all_claims(runs, bnstats)
+    by = {(r.claim, r.threat_model): r for _, r in table.iterrows()}
+    gates = pd.read_csv(tables_dir / "gates.csv") if (tables_dir / "gates.csv").exists() else pd.DataFrame()
+    summary = settings_summary(runs) if not runs.empty else pd.DataFrame(columns=["setting", "metric"])
+    base = summary[(summary["setting"] == "adv-clean0") & (summary["arch"] == "small_resnet8")] \
+        if not summary.empty else summary
+    seeds = int(base["seeds"].max()) if not base.empty else 0
+    pgd = base.loc[base["metric"].str.startswith("PGD"), "metric"]
+    intro = [f"Validity gate: standard training ({g.run}, weights {g.weights}, {g.precision}, code {str(g.code)[:7]}) "
+             f"reaches **{g.clean_acc_full_test:.2f}%** clean accuracy on the full {g.images:,}-image test set (gate: "
+             f"{g.gate}%)." for g in gates.itertuples()]
+    strongest = pgd.iloc[0] if len(pgd) else "PGD"
+    intro.append(f"100% adv + 0% clean at eps 16 on the fixed evaluation set (n={seeds} seeds, mean [95% interval]): "
+                 f"clean {_mean_text(base, 'clean')}, targeted {strongest} {_mean_text(base, strongest)}, AutoAttack "
+                 f"{_mean_text(base, 'AutoAttack')}.")
+    lines = [" ".join(intro)]
+    lines += ["", "| claim | the paper finds | kit, targeted PGD | kit, AutoAttack | paper | verdict (PGD; AutoAttack) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for claim, title in CLAIM_TITLES.items():
+        pgd_row, aa_row = by.get((claim, "targeted PGD")), by.get((claim, "AutoAttack"))
+        free = next((r for (c, t), r in by.items() if c == claim and t in ("clean", "BN statistics")), None)
+        first = pgd_row if pgd_row is not None else free
+        if first is None:
+            continue
+        paper_cell = f"{first['paper_effect']:+.1f}" if not math.isnan(first["paper_effect"]) else (
+            "no number" if first["paper"] else "-")
+        if free is not None:
+            cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free)]
+        else:
+            aa = aa_row["kit"] if aa_row is not None else "not evaluated"
+            verdicts = _verdict_cell(pgd_row) + ("; " + _verdict_cell(aa_row) if aa_row is not None
+                                                 and aa_row["seeds"] + pgd_row["seeds"] > 0 else "")
+            cells = [pgd_row["kit"], aa, verdicts]
+        lines.append(f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |")
+    open_claims = undecided(table[table["seeds"] > 0])
+    lines += ["", f"Effects in accuracy points (C9a: mean log2 variance ratio x 100; C9b: % of the running variance), "
+                  f"paired per seed, mean [95% t interval] (n seeds); the paper's effects are its ImageNet "
+                  f"numbers (robustness under PGD-2000) from `data/paper`. Undecided so far: {len(open_claims)} of "
+                  f"{int((table['seeds'] > 0).sum())} verdicts with runs. The paper itself (Section 4.2) expects "
+                  "the clean-image effect (C1) to fade on small data sets and at small eps: the scale rows measure "
+                  "C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
+                  "[figures/study_claims.md](figures/study_claims.md).", "",
+              "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"]
+    return "\n".join(lines)

@@ -191,3 +191,55 @@ def test_the_settings_summary_keeps_pgd_and_autoattack_apart():
     summary = study.settings_summary(pd.DataFrame(rows)).set_index("metric")
     assert summary.loc["clean", "mean"] == 88.0 and summary.loc["PGD-100", "mean"] == 86.0
     assert summary.loc["AutoAttack", "mean"] == 69.0
+
+
+def test_the_readmes_study_section_is_what_the_committed_tables_give():
+    """Every number in the README's study section is recomputed from data/results/decisive; after new runs are
+    exported, `advkit study --readme README.md` rewrites it."""
+    from advkit.paths import project_root
+
+    assert study.readme_block(project_root() / "README.md") == study.readme_section(study.TABLES_DIR)
+
+
+def test_a_changed_table_changes_the_readme_section_so_the_check_above_can_fail(tmp_path):
+    import shutil
+
+    tables = tmp_path / "tables"
+    shutil.copytree(study.TABLES_DIR, tables)
+    before = study.readme_section(tables)
+    runs = pd.read_csv(tables / "runs.csv")
+    hit = (runs["setting"] == "adv-clean0") & (runs["attack"] == "autoattack")
+    assert hit.any()
+    runs.loc[hit, "accuracy"] -= 5.0
+    runs.to_csv(tables / "runs.csv", index=False)
+    after = study.readme_section(tables)
+    assert after != before
+    c1 = lambda text: next(line for line in text.splitlines() if line.startswith("| C1 |")).split("|")[4]
+    assert float(c1(after).split()[0]) == pytest.approx(float(c1(before).split()[0]) - 5.0)
+
+
+def test_the_readme_section_is_written_between_its_markers_and_a_file_without_them_is_refused(tmp_path, capsys):
+    from advkit import cli
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{study.README_BEGIN}\nold numbers\n{study.README_END}\n\nafter\n")
+    study.write_readme_section(readme, "new numbers")
+    assert readme.read_text() == f"# title\n\n{study.README_BEGIN}\nnew numbers\n{study.README_END}\n\nafter\n"
+    assert study.readme_block(readme) == "new numbers"
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    tables = tmp_path / "tables"
+    code = cli.main(["study", "--runs", str(tmp_path / "runs"), "--tables", str(tables), "--readme", str(plain)])
+    assert code == 2 and "--readme" in capsys.readouterr().err
+    assert not tables.exists() and plain.read_text() == "# no markers\n"  # refused before anything was written
+
+
+def test_the_scale_figure_plots_c1_per_training_set_size_with_its_interval():
+    rows = [dict(claim=claim, threat_model=threat, mean=mean, low=mean - 1, high=mean + 1, seeds=3)
+            for threat in ("targeted PGD", "AutoAttack")
+            for claim, mean in (("C1@6k", 1.0), ("C1@12k", 2.0), ("C1", 4.0), ("C1-scale", 1.5))]
+    fig = study.plot_scale(pd.DataFrame(rows))
+    lines = [container.lines[0] for container in fig.axes[0].containers]  # each errorbar's data line
+    assert [list(line.get_xdata()) for line in lines] == [[6144, 12288, 24576]] * 2
+    assert list(lines[0].get_ydata()) == [1.0, 2.0, 4.0]
