@@ -1,6 +1,7 @@
 """The README and docs/: short, linked, and every command they show exists and accepts its arguments."""
 
 import functools
+import math
 import re
 import shlex
 import subprocess
@@ -78,3 +79,52 @@ def _check(command: str) -> None:
 def test_every_command_shown_exists_and_accepts_its_arguments(page):
     for command in _commands(page):
         _check(command)
+
+
+DEMO_COLUMNS = [("clean", 0), ("pgd", 10), ("pgd", 20), ("pgd", 50), ("pgd", 100), ("apgd-ce", 100), ("apgd-t", 100),
+                ("autoattack", 100)]
+BRANCHES = {"-": "-", "MBN_clean": "clean", "MBN_adv": "adv"}
+
+
+def _demo_mismatches(readme: str) -> list[str]:
+    """What in the README's demo table, or in the two differences its text quotes, differs from
+    data/results/demo/results.csv (what `make demo` last produced)."""
+    import pandas as pd
+
+    table = pd.read_csv(ROOT / "data" / "results" / "demo" / "results.csv")
+    section = readme.split("## What make demo printed", 1)[1]
+    lines = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")][2:]
+    rows = {(cells[0].split()[0], BRANCHES[cells[2].strip()]): [c.strip() for c in cells[3:]] for cells in lines}
+    value = lambda run, branch, attack, steps: 100 * table.loc[
+        (table["name"] == run) & (table["branch"] == branch) & (table["attack"] == attack) & (table["steps"] == steps),
+        "accuracy"].item()
+    wrong = [] if {run for run, _ in rows} == set(table["name"]) else ["the runs differ"]
+    wrong += [f"{run} {branch}" for (run, branch), cells in rows.items()
+              if cells != [f"{value(run, branch, a, s):.1f}" for a, s in DEMO_COLUMNS]]
+    pgd = value("adv0clean", "-", "pgd", 100) - value("adv100clean", "-", "pgd", 100)
+    aa = value("adv0clean", "-", "autoattack", 100) - value("adv100clean", "-", "autoattack", 100)
+    text = " ".join(readme.split())
+    if f"costs {pgd:.1f} points under targeted PGD-100 and {aa:.1f} under" not in text:
+        wrong.append("the quoted differences")
+    robust = [(run, branch) for run, branch in rows if run != "standard" and branch != "clean"]
+    pgd_gap = max(value(*key, "clean", 0) - value(*key, "pgd", 100) for key in robust)
+    aa_gaps = [value(*key, "clean", 0) - value(*key, "autoattack", 100) for key in robust]
+    if (f"PGD-100 within {math.ceil(pgd_gap)} points of clean); AutoAttack takes "
+            f"{round(min(aa_gaps))}-{round(max(aa_gaps))}.") not in text:
+        wrong.append("the quoted gaps")
+    return wrong
+
+
+def test_the_readmes_demo_numbers_are_those_of_the_committed_demo_table():
+    assert _demo_mismatches((ROOT / "README.md").read_text()) == []
+
+
+@pytest.mark.parametrize("old, new, caught", [
+    ("| 82.4 | 82.2 | 68.0 |", "| 82.5 | 82.2 | 68.0 |", "adv0clean -"),  # PGD-50 of 100% adv + 0% clean
+    ("costs 1.4 points", "costs 1.5 points", "the quoted differences"),
+    ("within 8 points", "within 6 points", "the quoted gaps"),  # the README said 6 before this test
+])
+def test_the_demo_check_catches_a_changed_number(old, new, caught):
+    readme = (ROOT / "README.md").read_text()
+    assert old in readme
+    assert _demo_mismatches(readme.replace(old, new)) == [caught]
