@@ -31,12 +31,13 @@ SWEEP_OF = {"figure1": "fmnist/figure1.yaml", "figure2": "fmnist/mbn-gn-alp.yaml
 
 
 def save(fig: plt.Figure, name: str, folder: str | Path | None = None) -> list[Path]:
-    """Write ``name``.png and ``name``.pdf into ``folder`` (default ``figures/``); return the paths."""
+    """Write ``name``.png and ``name``.pdf into ``folder`` (default ``figures/``); return the paths. The PDF has no
+    creation date, so that a figure redrawn from the same numbers is the same file (a clean git diff)."""
     folder = Path(folder) if folder is not None else FIGURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     return paths
 
 

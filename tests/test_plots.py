@@ -104,3 +104,15 @@ def test_figures_5_6_from_real_bn_statistics(tmp_path):
     plots.figure6(table, tmp_path)
     empty = plots.figure6(pd.DataFrame(), tmp_path)
     assert "no kit results" in empty.axes[0].texts[0].get_text()
+
+
+def test_saved_pdfs_carry_no_creation_date_so_a_redrawn_figure_is_the_same_file(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png, pdf = plots.save(fig, "line", tmp_path)
+    first = pdf.read_bytes()
+    assert b"CreationDate" not in first
+    plots.save(fig, "line", tmp_path)
+    assert pdf.read_bytes() == first

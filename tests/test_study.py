@@ -243,3 +243,22 @@ def test_the_scale_figure_plots_c1_per_training_set_size_with_its_interval():
     lines = [container.lines[0] for container in fig.axes[0].containers]  # each errorbar's data line
     assert [list(line.get_xdata()) for line in lines] == [[6144, 12288, 24576]] * 2
     assert list(lines[0].get_ydata()) == [1.0, 2.0, 4.0]
+
+
+def test_the_papers_effects_at_the_kits_training_attack_come_from_its_pgd5_rows(tmp_path):
+    """The kit trains with PGD-5, step 4: the paper's PGD-5 rows of Table 7 give the effects in that regime."""
+    import shutil
+
+    from advkit import paper
+
+    effects = study.paper_effects_at_kit_attack()
+    assert effects["C1"] == pytest.approx(35.9 - 0.0) and effects["C2a"] == pytest.approx(31.2 - 0.0)
+    assert effects["C5"] == pytest.approx((41.5 - 0.0) - (54.0 - 35.9))
+    shutil.copytree(paper.NUMBERS_DIR, tmp_path, dirs_exist_ok=True)
+    table7 = pd.read_csv(tmp_path / "table7.csv")
+    adv_only_pgd5 = ((table7["train_pgd_steps"] == 5) & (table7["clean_ratio"] == 0.0) & (table7["alp"] == 0)
+                     & (table7["running_stats"] == 0) & (table7["norm"] == "bn"))
+    table7.loc[adv_only_pgd5, "pgd2000"] = 30.0
+    table7.to_csv(tmp_path / "table7.csv", index=False)
+    assert study.paper_effects_at_kit_attack(tmp_path)["C1"] == pytest.approx(30.0)
+    assert study.paper_effects(tmp_path)["C1"] == study.paper_effects()["C1"]  # the PGD-30 effect is untouched
