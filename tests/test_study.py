@@ -262,3 +262,20 @@ def test_the_papers_effects_at_the_kits_training_attack_come_from_its_pgd5_rows(
     table7.to_csv(tmp_path / "table7.csv", index=False)
     assert study.paper_effects_at_kit_attack(tmp_path)["C1"] == pytest.approx(30.0)
     assert study.paper_effects(tmp_path)["C1"] == study.paper_effects()["C1"]  # the PGD-30 effect is untouched
+
+
+def test_the_depth_figure_shows_gains_paired_per_seed():
+    """Seed effects shared across depths cancel in the paired panel: its interval is narrower than the means'."""
+    rows = []
+    for seed, shift in enumerate((-4.0, 0.0, 4.0)):  # a large seed effect, the same at every depth
+        for arch, gain in (("small_resnet8", 0.0), ("small_resnet14", 2.0), ("small_resnet20", 3.0 + 0.1 * seed)):
+            sweep = "main" if arch == "small_resnet8" else "depth"
+            rows += [dict(sweep=sweep, run=f"adv-clean0-seed{seed}", setting="adv-clean0", seed=seed, arch=arch,
+                          branch="-", attack="pgd", steps=100, accuracy=60 + shift + gain),
+                     dict(sweep=sweep, run=f"standard-seed{seed}", setting="standard", seed=seed, arch=arch,
+                          branch="-", attack="clean", steps=0, accuracy=90 + shift + gain / 3)]
+    fig = study.plot_depth(pd.DataFrame(rows))
+    paired_adv = fig.axes[1].containers[0]
+    assert list(paired_adv.lines[0].get_ydata()) == pytest.approx([0.0, 2.0, 3.1])
+    half_width = lambda container: max(abs(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments())
+    assert half_width(paired_adv) < 0.5 < half_width(fig.axes[0].containers[0])
