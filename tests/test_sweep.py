@@ -360,3 +360,15 @@ def test_two_sweeps_of_one_file_at_once_train_every_point_once(tmp_path):
         assert rundir.load_checkpoint(tmp_path / "runs" / name)["step"] == steps
         assert any(f"[sweep] {name}: done" in out or f"skip {name}" in out for out in outputs)
     assert not any("FAILED" in out for out in outputs), outputs
+
+
+def test_the_decisive_studys_later_seeds_train_exactly_main_yamls_points():
+    """more-seeds.yaml adds seeds 5+ to main.yaml's runs: the same folder, and for every point it repeats the
+    same configuration apart from the seed (a drifted recipe would pair unlike runs)."""
+    folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
+    strip = lambda point: point.config.to_dict() | {"seed": None, "name": re.sub(r"-seed\d+$", "", point.config.name)}
+    main = {strip(p)["name"]: strip(p) for p in sweep.load_sweep(folder / "main.yaml")}
+    later = sweep.load_sweep(folder / "more-seeds.yaml")
+    assert {p.config.seed for p in later} == set(range(5, 16))
+    for point in later:
+        assert strip(point) == main[strip(point)["name"]], point.config.name
