@@ -392,9 +392,11 @@ def make_loader(
         if n is not None:
             ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
         sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # workers start afresh each epoch, seeded from the loader's own generator (reseeded per epoch by the
+        # trainer): an epoch's augmentations then depend on (seed, epoch, rank) only, also after a resume
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                             pin_memory=torch.cuda.is_available() and decode_device is None,
-                            persistent_workers=num_workers > 0,
+                            generator=torch.Generator().manual_seed(seed),
                             collate_fn=None if decode_device is None else collate_encoded)
         return loader if decode_device is None else DecodingLoader(loader, decode_device, augment, seed)
     images, labels = load_tensors(name, split, root, download=download)
@@ -402,7 +404,8 @@ def make_loader(
     ds = TensorImages(images[keep], labels[keep], crop_padding=4 if (augment and name == "cifar10") else 0, seed=seed)
     sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device | str,

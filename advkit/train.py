@@ -141,10 +141,14 @@ def _resumed_state(ckpt: dict[str, Any], model: nn.Module, ctx: distributed.Cont
     return ckpt["model"]
 
 
-def _set_epoch(loader: torch.utils.data.DataLoader | data.DecodingLoader, epoch: int, seed: int) -> None:
-    """A fresh, reproducible order (and augmentation draws) for ``epoch``, as DistributedSampler does."""
+def _set_epoch(loader: torch.utils.data.DataLoader | data.DecodingLoader, epoch: int, seed: int, rank: int) -> None:
+    """A fresh, reproducible order (and augmentation draws) for ``epoch``, as DistributedSampler does. The
+    loader's generator, which seeds its workers, is reseeded too: the epoch's worker augmentations and the global
+    random state then do not depend on whether the run was resumed."""
     sampler = loader.sampler.sampler if isinstance(loader.sampler, torch.utils.data.BatchSampler) else loader.sampler
     sampler.set_epoch(epoch)
+    inner = loader.loader if isinstance(loader, data.DecodingLoader) else loader
+    inner.generator.manual_seed((seed * 100_003 + epoch) * 1_009 + rank)
     augmenter = loader if isinstance(loader, data.DecodingLoader) else loader.dataset  # who draws the crops
     if hasattr(augmenter, "generator"):
         augmenter.generator.manual_seed(seed * 100_003 + epoch)
@@ -267,7 +271,7 @@ def _run_epoch(loop: Loop, epoch: int, skip: int, resumed_totals: dict[str, floa
     loop.forward.train()
     if running_stats:
         norm.use_running_stats(loop.model)
-    _set_epoch(loop.loader, epoch, cfg.seed)
+    _set_epoch(loop.loader, epoch, cfg.seed, loop.ctx.rank)
     loop.totals, loop.t_epoch = dict.fromkeys(COUNTERS, 0.0), time.perf_counter()
     if resumed_totals is not None:
         loop.t_epoch -= resumed_totals.pop("seconds")

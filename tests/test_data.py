@@ -271,3 +271,24 @@ def test_a_resumed_run_may_change_where_it_decodes():
 
     gpu = config.make_config("test", dataset="imagenet", arch="resnet50", decode="gpu")
     assert config.resume_conflicts(gpu.to_dict(), config.make_config(None, **gpu.to_dict() | {"decode": "cpu"})) == []
+
+
+def test_an_epochs_worker_augmentations_do_not_depend_on_the_epochs_before_it(tmp_path):
+    """ImageNet with worker processes: epoch 2 of a loader that ran epochs 0-1 gives the same random crops as a
+    fresh loader (a resumed run) set to epoch 2. Before the loaders had their own generator, reseeded per epoch,
+    workers were seeded from the global random state and kept alive across epochs, so the two differed."""
+    from advkit import train
+
+    _jpeg_folder(tmp_path, sizes=((96, 120), (130, 90)))
+    make = lambda: data.make_loader("imagenet", "train", 4, root=tmp_path, num_workers=2, seed=3)
+    ongoing = make()
+    for epoch in range(3):
+        train._set_epoch(ongoing, epoch, seed=3, rank=0)
+        torch.rand(5)  # the trainer draws from the global random state in between
+        batches = [images for images, _ in ongoing]
+    resumed = make()
+    train._set_epoch(resumed, 2, seed=3, rank=0)
+    again = [images for images, _ in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again)) and len(again) == 2
+    train._set_epoch(resumed, 1, seed=3, rank=0)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, [images for images, _ in resumed]))  # epochs differ

@@ -190,6 +190,10 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
     resumed = run.train_run(make_config("test", name="crashed", resume=True, **kw), show_progress=False)
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+    # every random state too: the global one (before the loaders had their own generator, the resumed epoch's
+    # DataLoader drew its workers' base seed from it once more) and the attack's
+    got, want = (rundir.load_checkpoint(tmp_path / name)["rng"][0] for name in ("crashed", "straight"))
+    assert torch.equal(got["torch"], want["torch"]) and torch.equal(got["generator"], want["generator"])
 
 
 def test_compiled_training_matches_eager(tmp_path):
