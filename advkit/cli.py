@@ -142,6 +142,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_row(run_dir) -> dict:
+    """``advkit study --gate RUN``: the run's clean accuracy on its full test set, with its name and code commit."""
+    from .evaluate import full_test_accuracy
+    from .rundir import RunDir
+    from .run import load_run
+
+    cfg, model = load_run(run_dir)
+    environment = RunDir(run_dir).read_json(RunDir(run_dir).environment_file)
+    return dict(run=cfg.name, code=environment.get("code"), **full_test_accuracy(model, cfg))
+
+
 def _summary(root: str) -> int:
     """Print the table of finished runs; list damaged runs on stderr (status 1); a missing folder: status 2."""
     import warnings
@@ -218,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p_study.add_argument("--tables", default=None,
                          help="the study's tables (default: data/results/decisive; the older three-seed study: "
                               "data/results/study with --runs runs/study)")
+    p_study.add_argument("--gate", action="append", default=[], metavar="RUN",
+                         help="a finished run whose clean accuracy on the full test set is recorded in the tables' "
+                              "gates.csv (the validity gate; repeatable)")
     p_study.add_argument("--readme", default=None, metavar="FILE",
                          help="also rewrite the study section of FILE (between its study markers) from the tables")
     p_study.add_argument("--no-export", action="store_true", help="only print the claims of the committed tables")
@@ -244,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "study":
         from . import study
         from .paths import project_root, resolve_output
+        from .rundir import RunDir
 
         tables = study.TABLES_DIR if args.tables is None else project_root() / args.tables
         readme = None if args.readme is None else project_root() / args.readme
@@ -253,8 +268,16 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError) as exc:
                 print(f"advkit study: --readme={args.readme!r} is not accepted: {exc}", file=sys.stderr)
                 return 2
+        gates = [resolve_output(run) for run in args.gate]
+        unfinished = [str(run) for run in gates if not RunDir(run).finished()]
+        if unfinished:
+            print(f"advkit study: --gate {unfinished[0]} is not accepted: give the folder of a finished run (status "
+                  "done, results.csv)", file=sys.stderr)
+            return 2
         if not args.no_export:
             print(study.export(resolve_output(args.runs), tables))
+        if gates:
+            print(study.record_gates([_gate_row(run) for run in gates], tables).to_string(index=False))
         claims = study.all_claims(*study.load(tables))
         print(study.findings_markdown(claims))
         print(f"\nundecided (the stopping rule):\n{study.undecided(claims).to_string(index=False)}")

@@ -251,6 +251,26 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     return table.assign(weights=weights, precision=precision, device=device_name(device))
 
 
+def full_test_accuracy(model: nn.Module, cfg) -> dict:
+    """Clean accuracy (%) of ``model`` on every test image of its data set, fp32 through BN running statistics
+    (every MBN branch the model has: the lowest counts), with the weights' digest, precision and device: the
+    decisive study's validity gate, which its 2,000-image evaluation set cannot show."""
+    device = resolve_rank_device(cfg, distributed.context())
+    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, root=cfg.data_root,
+                              num_workers=cfg.num_workers)
+    correct, images = {}, 0
+    model = model.to(device).eval()
+    with torch.no_grad():
+        for batch in loader:
+            x, y = data.to_device(batch, device)
+            images += len(y)
+            for branch in norm.evaluated_branches(model):
+                with norm.through_branch(model, branch):
+                    correct[branch] = correct.get(branch, 0) + int((model(x).argmax(1) == y).sum())
+    return dict(clean_acc_full_test=round(100 * min(correct.values()) / images, 2), images=images,
+                weights=models.weights_digest(model), precision="fp32", device=device_name(device))
+
+
 def sanity_checks(
     model: nn.Module,
     images: torch.Tensor,

@@ -102,6 +102,21 @@ def export(runs_root: str | Path = RUNS_ROOT, out_dir: str | Path = TABLES_DIR) 
     return {name: len(table) for name, table in tables.items()}
 
 
+GATE = 89.0  # percent: standard training's clean accuracy on the full test set (docs/study-design.md)
+GATE_COLUMNS = ["run", "clean_acc_full_test", "images", "weights", "precision", "device", "code", "gate"]
+
+
+def record_gates(rows: list[dict], out_dir: str | Path = TABLES_DIR) -> pd.DataFrame:
+    """Merge validity-gate rows (:func:`advkit.evaluate.full_test_accuracy` of a run, with its ``run`` name and
+    ``code`` commit) into ``<out_dir>/gates.csv``, one row per run; return the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new = pd.DataFrame([row | {"gate": f">= {GATE:g}"} for row in rows]).reindex(columns=GATE_COLUMNS)
+    table = _merge(new, out_dir / "gates.csv", ["run"])
+    table.to_csv(out_dir / "gates.csv", index=False)
+    return table
+
+
 def load(out_dir: str | Path = TABLES_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The committed study tables: (runs, bnstats); empty frames where a table does not exist yet."""
     out_dir = Path(out_dir)

@@ -279,3 +279,31 @@ def test_the_depth_figure_shows_gains_paired_per_seed():
     assert list(paired_adv.lines[0].get_ydata()) == pytest.approx([0.0, 2.0, 3.1])
     half_width = lambda container: max(abs(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments())
     assert half_width(paired_adv) < 0.5 < half_width(fig.axes[0].containers[0])
+
+
+def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_path, capsys):
+    """`advkit study --gate RUN` records the run's accuracy on the full test set (not its n_test subset), with its
+    weights' digest and code commit; an unfinished run is refused before anything is written."""
+    import torch
+
+    from advkit import cli, data
+    from advkit.run import load_run
+
+    cfg = config.make_config("test", name="standard-seed0", runs_root=str(tmp_path / "runs"), adv_ratio=0.0,
+                             clean_ratio=1.0, n_train=256, epochs=1, n_test=32, sanity_n=0, bnstats_channels=0)
+    run.run(cfg, show_progress=False)
+    tables = tmp_path / "tables"
+    assert cli.main(["study", "--no-export", "--gate", str(cfg.run_dir), "--tables", str(tables)]) == 0
+    gate = pd.read_csv(tables / "gates.csv").iloc[0]
+    _, model = load_run(cfg.run_dir)
+    images, labels = data.load_tensors("fashion-mnist", "test")
+    with torch.no_grad():
+        want = (model(images.float() / 255).argmax(1) == labels).float().mean().item() * 100
+    assert gate["images"] == len(labels) == 10_000 and gate["clean_acc_full_test"] == pytest.approx(want, abs=0.006)
+    assert gate["run"] == "standard-seed0" and gate["gate"] == ">= 89" and isinstance(gate["code"], str)
+
+    unfinished = config.make_config("test", name="half", runs_root=str(tmp_path / "runs"))
+    unfinished.run_dir.mkdir(parents=True)
+    capsys.readouterr()
+    assert cli.main(["study", "--no-export", "--gate", str(unfinished.run_dir), "--tables", str(tmp_path / "t2")]) == 2
+    assert "--gate" in capsys.readouterr().err and not (tmp_path / "t2").exists()
