@@ -406,6 +406,38 @@ def all_claims(runs: pd.DataFrame, bnstats: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([*tables, threat_free_claims(runs, bnstats)], ignore_index=True)
 
 
+LONGER_CLAIMS = {"C1": (("adv-clean0", "-"), ("adv-clean100", "-")),
+                 "C2a": (("adv-clean100-mbn", "adv"), ("adv-clean100", "-")),
+                 "C3": (("adv-clean100-gn", "-"), ("adv-clean100", "-"))}  # claim -> (minuend, subtrahend)
+
+
+def longer_training(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The validity check on training length (``longer.yaml``: the pilot seed trains the C1, C2a and C3 points at
+    8 and at 16 epochs): each claim's effect at both lengths under each threat model, and whether the 16-epoch
+    effect lies inside the study's interval for the claim (``table``: :func:`all_claims`); where it does not, the
+    verdict depends on training length. Empty until the longer runs are exported."""
+    rows = []
+    longer = runs[runs["sweep"] == "longer"] if not runs.empty else runs
+    for threat_model, attack in THREAT_MODELS.items():
+        for claim, ((a, a_branch), (b, b_branch)) in LONGER_CLAIMS.items():
+            effect = {}
+            for epochs in (8, 16):
+                one = lambda setting, branch: accuracy(longer, f"{setting}-epochs{epochs}", branch=branch,
+                                                       attack=attack)
+                difference = paired(one(a, a_branch), one(b, b_branch))
+                if len(difference):
+                    effect[epochs] = float(difference.iloc[0])
+            if len(effect) < 2:
+                continue
+            study = table[(table["claim"] == claim) & (table["threat_model"] == threat_model)]
+            low, high = (study[["low", "high"]].iloc[0] if len(study) else (math.nan, math.nan))
+            within = bool(low <= effect[16] <= high) if not math.isnan(low) else None
+            rows.append(dict(claim=claim, threat_model=threat_model, effect_8=effect[8], effect_16=effect[16],
+                             change=effect[16] - effect[8], study_low=low, study_high=high, within=within))
+    return pd.DataFrame(rows, columns=["claim", "threat_model", "effect_8", "effect_16", "change", "study_low",
+                                       "study_high", "within"])
+
+
 def settings_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and 95% interval over seeds of the clean accuracy, the strongest targeted PGD and (where evaluated)
     AutoAttack for every setting and branch."""
@@ -663,9 +695,20 @@ def write_readme_section(path: str | Path, section: str) -> None:
     Path(path).write_text(f"{head}{README_BEGIN}\n{section}\n{README_END}{rest.split(README_END, 1)[1]}")
 
 
-def _verdict_cell(row: pd.Series) -> str:
+def _verdict_cell(row: pd.Series, length_dependent: set = frozenset()) -> str:
     ruled_out = ", the paper's effect ruled out" if "ruled out" in row["paper_size"] else ""
-    return f"{row['verdict']}{ruled_out}"
+    depends = ", depends on training length" if (row["claim"], row["threat_model"]) in length_dependent else ""
+    return f"{row['verdict']}{ruled_out}{depends}"
+
+
+def _longer_text(check: pd.DataFrame) -> str:
+    if check.empty:
+        return "Longer-training check (`longer.yaml`, pilot seed 101, 16 against 8 epochs): not run yet."
+    parts = [f"{r.claim} {r.threat_model} {r.effect_8:+.1f} -> {r.effect_16:+.1f}"
+             + ("" if r.within is None else " (inside the study's interval)" if r.within else " (outside it)")
+             for r in check.itertuples()]
+    return ("Longer-training check (`longer.yaml`, pilot seed 101, not in the verdicts), effect at 8 -> 16 epochs: "
+            + "; ".join(parts) + ".")
 
 
 def _mean_text(summary: pd.DataFrame, metric: str) -> str:
@@ -684,6 +727,8 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
     runs, bnstats = load(tables_dir)
     table = all_claims(runs, bnstats)
     by = {(r.claim, r.threat_model): r for _, r in table.iterrows()}
+    check = longer_training(runs, table)
+    dependent = {(r.claim, r.threat_model) for r in check.itertuples() if r.within is False}
     gates = pd.read_csv(tables_dir / "gates.csv") if (tables_dir / "gates.csv").exists() else pd.DataFrame()
     summary = settings_summary(runs) if not runs.empty else pd.DataFrame(columns=["setting", "metric"])
     base = summary[(summary["setting"] == "adv-clean0") & (summary["arch"] == "small_resnet8")] \
@@ -712,11 +757,11 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
         if not math.isnan(first.get("paper_pgd5", math.nan)):
             paper_cell += f" ({first['paper_pgd5']:+.1f})"
         if free is not None:
-            cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free)]
+            cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free, dependent)]
         else:
             aa = aa_row["kit"] if aa_row is not None else "not evaluated"
-            verdicts = _verdict_cell(pgd_row) + ("; " + _verdict_cell(aa_row) if aa_row is not None
-                                                 and aa_row["seeds"] + pgd_row["seeds"] > 0 else "")
+            both = aa_row is not None and aa_row["seeds"] + pgd_row["seeds"] > 0
+            verdicts = _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent) if both else "")
             cells = [pgd_row["kit"], aa, verdicts]
         lines.append(f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |")
     open_claims = undecided(table[table["seeds"] > 0])
@@ -727,6 +772,6 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
                   f"attack, the paper's weakest (C6's regime). Undecided so far: {len(open_claims)} of "
                   f"{int((table['seeds'] > 0).sum())} verdicts with runs. The paper's own exception to C1 (Section 4.2: "
                   "small data sets, small eps) is what the scale rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
-                  "[figures/study_claims.md](figures/study_claims.md).", "",
+                  "[figures/study_claims.md](figures/study_claims.md). " + _longer_text(check), "",
               "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"]
     return "\n".join(lines)

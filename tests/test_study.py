@@ -307,3 +307,34 @@ def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_pa
     capsys.readouterr()
     assert cli.main(["study", "--no-export", "--gate", str(unfinished.run_dir), "--tables", str(tmp_path / "t2")]) == 2
     assert "--gate" in capsys.readouterr().err and not (tmp_path / "t2").exists()
+
+
+def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the_studys_interval(tmp_path):
+    def rows(sweep, run, setting, seed, acc_pgd, branch="-", epochs=8):
+        return [dict(sweep=sweep, run=run, setting=setting, seed=seed, arch="small_resnet8", branch=branch,
+                     attack=attack, steps=steps, accuracy=value, epochs=epochs)
+                for attack, steps, value in (("clean", 0, 90.0), ("pgd", 100, acc_pgd), ("autoattack", 100, 60.0))]
+
+    table = []
+    for seed, gap in enumerate((1.0, 2.0, 3.0)):  # the study: C1 = +1, +2, +3 -> interval about [-0.5, 4.5]
+        table += rows("main", f"adv-clean0-seed{seed}", "adv-clean0", seed, 80.0 + gap)
+        table += rows("main", f"adv-clean100-seed{seed}", "adv-clean100", seed, 80.0)
+    for epochs, c1 in ((8, 2.0), (16, 9.0)):  # at 16 epochs C1 is +9: outside
+        table += rows("longer", f"adv-clean0-epochs{epochs}", f"adv-clean0-epochs{epochs}", 101, 80.0 + c1,
+                      epochs=epochs)
+        table += rows("longer", f"adv-clean100-epochs{epochs}", f"adv-clean100-epochs{epochs}", 101, 80.0,
+                      epochs=epochs)
+    runs = pd.DataFrame(table)
+    claims = study.all_claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS))
+    check = study.longer_training(runs, claims).set_index(["claim", "threat_model"])
+    pgd = check.loc[("C1", "targeted PGD")]
+    assert (pgd["effect_8"], pgd["effect_16"], pgd["within"]) == (2.0, 9.0, False)
+    assert check.loc[("C1", "AutoAttack"), "within"] == True  # noqa: E712  (0 -> 0, inside [0, 0])
+    assert ("C1", "targeted PGD") in {(c, t) for c, t in check.index}  # the longer runs stay out of the study:
+    assert claims.set_index(["claim", "threat_model"]).loc[("C1", "targeted PGD"), "seeds"] == 3
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    runs.to_csv(tables / "runs.csv", index=False)
+    c1 = next(line for line in study.readme_section(tables).splitlines() if line.startswith("| C1 |"))
+    pgd_verdict, aa_verdict = c1.split(" | ")[-1].split("; ")
+    assert "depends on training length" in pgd_verdict and "depends" not in aa_verdict, c1
