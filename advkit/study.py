@@ -770,7 +770,8 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
                   f"numbers (robustness under PGD-2000) from `data/paper`, trained with PGD-30 (step 1), the verdicts' "
                   f"reference; in parentheses where the paper also trains with PGD-5 (step 4): the kit's training "
                   f"attack, the paper's weakest (C6's regime). Undecided so far: {len(open_claims)} of "
-                  f"{int((table['seeds'] > 0).sum())} verdicts with runs. The paper's own exception to C1 (Section 4.2: "
+                  f"{int((table['seeds'] > 0).sum())} verdicts with runs (each interval is 95% on its own: among "
+                  f"{len(table)} verdicts one or two may exclude zero by chance). The paper's own exception to C1 (Section 4.2: "
                   "small data sets, small eps) is what the scale rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
                   "[figures/study_claims.md](figures/study_claims.md). " + _longer_text(check), "",
               "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"]
