@@ -1,8 +1,8 @@
 """Command line: ``advkit data`` (prepare Fashion-MNIST), ``advkit run -p NAME VALUE ...`` (one experiment
 notebook through papermill, the run's record kept safe), ``advkit evaluate --arch A --weights FILE --name N``
-(a state dict the kit did not train, evaluated into a run folder), ``advkit sweep FILE``, ``advkit summary ROOT``,
-``advkit study`` (export the study's runs, print its claims), ``advkit figures`` (every analysis notebook through
-papermill)."""
+(a state dict the kit did not train, evaluated into a run folder), ``advkit sweep FILE`` (``--plan``: its cost),
+``advkit summary ROOT``, ``advkit study`` (export the study's runs, print its claims; ``--gate RUN``: the validity
+gate; ``--readme``: the README's study section), ``advkit figures`` (every analysis notebook through papermill)."""
 
 from __future__ import annotations
 
@@ -142,6 +142,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    """``advkit study``: export the runs into the tables, record validity gates, print the claims and the
+    undecided ones, rewrite the README's study section; bad ``--readme``/``--gate`` refused before any of it."""
+    from . import study
+    from .paths import project_root, resolve_output
+    from .rundir import RunDir
+
+    tables = study.TABLES_DIR if args.tables is None else project_root() / args.tables
+    readme = None if args.readme is None else project_root() / args.readme
+    if readme is not None:
+        try:
+            study.readme_block(readme)  # refused before anything is exported
+        except (OSError, ValueError) as exc:
+            print(f"advkit study: --readme={args.readme!r} is not accepted: {exc}", file=sys.stderr)
+            return 2
+    gates = [resolve_output(run) for run in args.gate]
+    unfinished = [str(run) for run in gates if not RunDir(run).finished()]
+    if unfinished:
+        print(f"advkit study: --gate {unfinished[0]} is not accepted: give the folder of a finished run (status "
+              "done, results.csv)", file=sys.stderr)
+        return 2
+    if not args.no_export:
+        print(study.export(resolve_output(args.runs), tables))
+    if gates:
+        print(study.record_gates([_gate_row(run) for run in gates], tables).to_string(index=False))
+    claims = study.all_claims(*study.load(tables))
+    print(study.findings_markdown(claims))
+    print(f"\nundecided (the stopping rule):\n{study.undecided(claims).to_string(index=False)}")
+    if readme is not None:
+        study.write_readme_section(readme, study.readme_section(tables))
+        print(f"[study] {readme}: study section rewritten from {tables}")
+    return 0
+
+
 def _gate_row(run_dir) -> dict:
     """``advkit study --gate RUN``: the run's clean accuracy on its full test set, with its name and code commit."""
     from .evaluate import full_test_accuracy
@@ -256,35 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"advkit sweep: {exc}", file=sys.stderr)
             return 2
     if args.command == "study":
-        from . import study
-        from .paths import project_root, resolve_output
-        from .rundir import RunDir
-
-        tables = study.TABLES_DIR if args.tables is None else project_root() / args.tables
-        readme = None if args.readme is None else project_root() / args.readme
-        if readme is not None:
-            try:
-                study.readme_block(readme)  # refused before anything is exported
-            except (OSError, ValueError) as exc:
-                print(f"advkit study: --readme={args.readme!r} is not accepted: {exc}", file=sys.stderr)
-                return 2
-        gates = [resolve_output(run) for run in args.gate]
-        unfinished = [str(run) for run in gates if not RunDir(run).finished()]
-        if unfinished:
-            print(f"advkit study: --gate {unfinished[0]} is not accepted: give the folder of a finished run (status "
-                  "done, results.csv)", file=sys.stderr)
-            return 2
-        if not args.no_export:
-            print(study.export(resolve_output(args.runs), tables))
-        if gates:
-            print(study.record_gates([_gate_row(run) for run in gates], tables).to_string(index=False))
-        claims = study.all_claims(*study.load(tables))
-        print(study.findings_markdown(claims))
-        print(f"\nundecided (the stopping rule):\n{study.undecided(claims).to_string(index=False)}")
-        if readme is not None:
-            study.write_readme_section(readme, study.readme_section(tables))
-            print(f"[study] {readme}: study section rewritten from {tables}")
-        return 0
+        return _study(args)
     if args.command == "figures":
         from .figures import run_analysis_notebooks
 
