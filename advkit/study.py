@@ -719,6 +719,35 @@ def _mean_text(summary: pd.DataFrame, metric: str) -> str:
     return f"{r['mean']:.1f}" + (f" [{r['low']:.1f}, {r['high']:.1f}]" if r["seeds"] > 1 else "")
 
 
+def _readme_row(claim: str, title: str, by: dict, dependent: set) -> str | None:
+    """One claim's row of the README table: the kit's effect under each threat model, the paper's, verdicts."""
+    pgd_row, aa_row = by.get((claim, "targeted PGD")), by.get((claim, "AutoAttack"))
+    free = next((r for (c, t), r in by.items() if c == claim and t in ("clean", "BN statistics")), None)
+    first = pgd_row if pgd_row is not None else free
+    if first is None:
+        return None
+    paper_cell = f"{first['paper_effect']:+.1f}" if not math.isnan(first["paper_effect"]) else (
+        "no number" if first["paper"] else "-")
+    if not math.isnan(first.get("paper_pgd5", math.nan)):
+        paper_cell += f" ({first['paper_pgd5']:+.1f})"
+    if free is not None:
+        cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free, dependent)]
+    else:
+        both = aa_row is not None and aa_row["seeds"] + pgd_row["seeds"] > 0
+        cells = [pgd_row["kit"], aa_row["kit"] if aa_row is not None else "not evaluated",
+                 _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent) if both else "")]
+    return f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |"
+
+
+README_HEADER = ["| claim | the paper finds | kit, targeted PGD | kit, AutoAttack | paper (PGD-5 training) | "
+                 "verdict (PGD; AutoAttack) |", "| --- | --- | --- | --- | --- | --- |"]
+README_UNITS = ("Effects in accuracy points (C9a: mean log2 variance ratio x 100; C9b: % of the running variance), "
+                "paired per seed, mean [95% t interval] (n seeds); the paper's effects are its ImageNet numbers "
+                "(robustness under PGD-2000) from `data/paper`, trained with PGD-30 (step 1), the verdicts' reference; "
+                "in parentheses where the paper also trains with PGD-5 (step 4): the kit's training attack, the "
+                "paper's weakest (C6's regime).")
+
+
 def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
     """The README's study section, every number from the committed tables in ``tables_dir``: the validity
     gates, what 100% adv + 0% clean reaches, and each claim under targeted PGD and AutoAttack beside the
@@ -733,46 +762,21 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
     summary = settings_summary(runs) if not runs.empty else pd.DataFrame(columns=["setting", "metric"])
     base = summary[(summary["setting"] == "adv-clean0") & (summary["arch"] == "small_resnet8")] \
         if not summary.empty else summary
-    seeds = int(base["seeds"].max()) if not base.empty else 0
     pgd = base.loc[base["metric"].str.startswith("PGD"), "metric"]
+    strongest = pgd.iloc[0] if len(pgd) else "PGD"
     intro = [f"Validity gate: standard training ({g.run}, weights {g.weights}, {g.precision}, code {str(g.code)[:7]}) "
              f"reaches **{g.clean_acc_full_test:.2f}%** clean accuracy on the full {g.images:,}-image test set (gate: "
              f"{g.gate}%)." for g in gates.itertuples()]
-    strongest = pgd.iloc[0] if len(pgd) else "PGD"
-    intro.append(f"100% adv + 0% clean at eps 16 on the fixed evaluation set (n={seeds} seeds, mean [95% interval]): "
-                 f"clean {_mean_text(base, 'clean')}, targeted {strongest} {_mean_text(base, strongest)}, AutoAttack "
+    intro.append(f"100% adv + 0% clean at eps 16 on the fixed evaluation set "
+                 f"(n={int(base['seeds'].max()) if not base.empty else 0} seeds, mean [95% interval]): clean "
+                 f"{_mean_text(base, 'clean')}, targeted {strongest} {_mean_text(base, strongest)}, AutoAttack "
                  f"{_mean_text(base, 'AutoAttack')}.")
-    lines = [" ".join(intro)]
-    lines += ["", "| claim | the paper finds | kit, targeted PGD | kit, AutoAttack | paper (PGD-5 training) | verdict (PGD; "
-              "AutoAttack) |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for claim, title in CLAIM_TITLES.items():
-        pgd_row, aa_row = by.get((claim, "targeted PGD")), by.get((claim, "AutoAttack"))
-        free = next((r for (c, t), r in by.items() if c == claim and t in ("clean", "BN statistics")), None)
-        first = pgd_row if pgd_row is not None else free
-        if first is None:
-            continue
-        paper_cell = f"{first['paper_effect']:+.1f}" if not math.isnan(first["paper_effect"]) else (
-            "no number" if first["paper"] else "-")
-        if not math.isnan(first.get("paper_pgd5", math.nan)):
-            paper_cell += f" ({first['paper_pgd5']:+.1f})"
-        if free is not None:
-            cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free, dependent)]
-        else:
-            aa = aa_row["kit"] if aa_row is not None else "not evaluated"
-            both = aa_row is not None and aa_row["seeds"] + pgd_row["seeds"] > 0
-            verdicts = _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent) if both else "")
-            cells = [pgd_row["kit"], aa, verdicts]
-        lines.append(f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |")
-    open_claims = undecided(table[table["seeds"] > 0])
-    lines += ["", f"Effects in accuracy points (C9a: mean log2 variance ratio x 100; C9b: % of the running variance), "
-                  f"paired per seed, mean [95% t interval] (n seeds); the paper's effects are its ImageNet "
-                  f"numbers (robustness under PGD-2000) from `data/paper`, trained with PGD-30 (step 1), the verdicts' "
-                  f"reference; in parentheses where the paper also trains with PGD-5 (step 4): the kit's training "
-                  f"attack, the paper's weakest (C6's regime). Undecided so far: {len(open_claims)} of "
-                  f"{int((table['seeds'] > 0).sum())} verdicts with runs (each interval is 95% on its own: among "
-                  f"{len(table)} verdicts one or two may exclude zero by chance). The paper's own exception to C1 (Section 4.2: "
-                  "small data sets, small eps) is what the scale rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
-                  "[figures/study_claims.md](figures/study_claims.md). " + _longer_text(check), "",
-              "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"]
-    return "\n".join(lines)
+    rows = [_readme_row(claim, title, by, dependent) for claim, title in CLAIM_TITLES.items()]
+    with_runs = table[table["seeds"] > 0]
+    closing = (f"{README_UNITS} Undecided so far: {len(undecided(with_runs))} of {len(with_runs)} verdicts with runs "
+               f"(each interval is 95% on its own: among {len(table)} verdicts one or two may exclude zero by "
+               "chance). The paper's own exception to C1 (Section 4.2: small data sets, small eps) is what the scale "
+               "rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
+               f"[figures/study_claims.md](figures/study_claims.md). {_longer_text(check)}")
+    return "\n".join([" ".join(intro), "", *README_HEADER, *[r for r in rows if r], "", closing, "",
+                      "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"])
