@@ -285,7 +285,8 @@ def imagenet_loader_rows(device: torch.device, quick: bool, num_workers: int,
     with tempfile.TemporaryDirectory(prefix="advkit-bench-jpeg-") as tmp:
         root = jpeg_image_folder(Path(tmp), n, *size)
         loaders = {decode: data.make_loader("imagenet", "train", batch, root=root, num_workers=num_workers,
-                                            decode=decode, device=device) for decode in decodes}
+                                            decode=decode, device=device, persistent_workers=True)
+                   for decode in decodes}  # steady state: the workers' start is not timed (warm-up starts them)
 
         def epoch(loader) -> None:
             for batch_ in loader:

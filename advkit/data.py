@@ -368,6 +368,7 @@ def make_loader(
     download: bool = False,
     decode: str = "cpu",
     device: torch.device | str | None = None,
+    persistent_workers: bool = False,
 ) -> DataLoader | DecodingLoader:
     """A DataLoader of uint8 batches for ``name`` in DATASETS.
 
@@ -376,7 +377,9 @@ def make_loader(
     a seeded subset. ``world_size``/``rank`` shard the data for distributed training. ImageNet only:
     ``decode='gpu'`` has the workers read bytes and decodes and augments each batch on ``device`` (default
     cuda; a ValueError when no CUDA device is visible; ``device='cpu'`` runs the same code on the CPU, as the
-    tests do), yielding the same uint8 batches, already on ``device``.
+    tests do), yielding the same uint8 batches, already on ``device``. Workers start afresh each epoch, seeded
+    from the loader's generator (the trainer reseeds it per epoch), so an epoch's augmentations do not depend on
+    the epochs before it; ``persistent_workers`` keeps them alive instead (throughput benchmarks).
     """
     check_choice("dataset", name, list(DATASETS))
     _check_split(split)
@@ -392,10 +395,9 @@ def make_loader(
         if n is not None:
             ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
         sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        # workers start afresh each epoch, seeded from the loader's own generator (reseeded per epoch by the
-        # trainer): an epoch's augmentations then depend on (seed, epoch, rank) only, also after a resume
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                             pin_memory=torch.cuda.is_available() and decode_device is None,
+                            persistent_workers=persistent_workers and num_workers > 0,
                             generator=torch.Generator().manual_seed(seed),
                             collate_fn=None if decode_device is None else collate_encoded)
         return loader if decode_device is None else DecodingLoader(loader, decode_device, augment, seed)

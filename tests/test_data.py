@@ -223,7 +223,7 @@ def test_the_trainer_reseeds_the_device_augmentation_every_epoch(tmp_path):
     loader = data.make_loader("imagenet", "train", 8, root=tmp_path, decode="gpu", device="cpu", shuffle=False)
     epoch = {}
     for e in (0, 1, 0):
-        train._set_epoch(loader, e, seed=3)
+        train._set_epoch(loader, e, seed=3, rank=0)
         epoch.setdefault(e, []).append(next(iter(loader))[0])
     assert torch.equal(epoch[0][0], epoch[0][1]) and not torch.equal(epoch[0][0], epoch[1][0])
 
