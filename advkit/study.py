@@ -733,9 +733,12 @@ def _readme_row(claim: str, title: str, by: dict, dependent: set) -> str | None:
     if free is not None:
         cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free, dependent)]
     else:
-        both = aa_row is not None and aa_row["seeds"] + pgd_row["seeds"] > 0
-        cells = [pgd_row["kit"], aa_row["kit"] if aa_row is not None else "not evaluated",
-                 _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent) if both else "")]
+        # AutoAttack runs in the same run as the PGD curve: missing beside PGD numbers means not evaluated (by
+        # design, e.g. standard training for C7c), not "not run yet"
+        evaluated = aa_row is not None and (aa_row["seeds"] > 0 or pgd_row["seeds"] == 0)
+        cells = [pgd_row["kit"], aa_row["kit"] if evaluated else "not evaluated",
+                 _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent)
+                                                      if evaluated and aa_row["seeds"] + pgd_row["seeds"] > 0 else "")]
     return f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |"
 
 
