@@ -560,7 +560,8 @@ def plot_scale(table: pd.DataFrame, folder: str | Path | None = None) -> plt.Fig
         rows = rows.assign(images=rows["claim"].map(names)).sort_values("images")
         err = np.nan_to_num([rows["mean"] - rows["low"], rows["high"] - rows["mean"]])
         ax.errorbar(rows["images"], rows["mean"], yerr=err, fmt=marker, capsize=3,
-                    label=f"{threat_model} (n={rows['seeds'].min()}-{rows['seeds'].max()} seeds)")
+                    label=f"{threat_model} (n={'-'.join(map(str, sorted({rows['seeds'].min(), rows['seeds'].max()})))} "
+                          "seeds)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(SCALE_SIZES.values()), [f"{n:,}" for n in SCALE_SIZES.values()])
