@@ -3,7 +3,6 @@ has finished (issue 15: measure the cost per run, print the plan before spending
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -30,7 +29,7 @@ def measured_minutes(run: RunDir) -> float | None:
         return None
     try:
         metrics = run.metrics()
-        threads = json.loads(run.environment_file.read_text()).get("torch_threads", 1)
+        threads = run.read_json(run.environment_file).get("torch_threads", 1)
     except (OSError, ValueError, DamagedFile):
         return None
     seconds = [record.get("seconds", 0.0) for record in metrics]
