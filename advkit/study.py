@@ -429,8 +429,8 @@ def longer_training(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
                     effect[epochs] = float(difference.iloc[0])
             if len(effect) < 2:
                 continue
-            study = table[(table["claim"] == claim) & (table["threat_model"] == threat_model)]
-            low, high = (study[["low", "high"]].iloc[0] if len(study) else (math.nan, math.nan))
+            main_row = table[(table["claim"] == claim) & (table["threat_model"] == threat_model)]
+            low, high = (main_row[["low", "high"]].iloc[0] if len(main_row) else (math.nan, math.nan))
             within = bool(low <= effect[16] <= high) if not math.isnan(low) else None
             rows.append(dict(claim=claim, threat_model=threat_model, effect_8=effect[8], effect_16=effect[16],
                              change=effect[16] - effect[8], study_low=low, study_high=high, within=within))
