@@ -208,6 +208,32 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+LOOKS = tuple(range(5, 17))  # the numbers of seeds after which the stopping rule is checked (docs/study-design.md)
+
+
+def _smallest_p(looks: tuple[int, ...], sims: int, seed: int) -> np.ndarray:
+    """Per simulated study of a claim without an effect, the smallest two-sided t-test p value over ``looks``
+    (seeds keep coming: the worst case, where no look stops the study; t does not depend on the scale)."""
+    draws = np.random.default_rng(seed).standard_normal((sims, max(looks)))
+    p = [2 * stats.t.sf(np.abs(draws[:, :n].mean(1) / draws[:, :n].std(1, ddof=1) * math.sqrt(n)), n - 1)
+         for n in looks]
+    return np.min(p, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def sequential_error(level: float = 0.95, looks: tuple[int, ...] = LOOKS, sims: int = 20_000, seed: int = 0) -> float:
+    """The chance that a claim with no effect has a ``level`` interval that excludes zero at one or more of the
+    ``looks`` (simulated): what looking after every seed does to the 5% of a single look."""
+    return float((_smallest_p(looks, sims, seed) < 1 - level).mean())
+
+
+@functools.lru_cache(maxsize=None)
+def sequential_level(alpha: float = 0.05, looks: tuple[int, ...] = LOOKS, sims: int = 20_000, seed: int = 0) -> float:
+    """The interval level to use at every look so that a claim with no effect excludes zero at some look with
+    chance ``alpha`` (a constant boundary, as Pocock's, found by simulation)."""
+    return 1 - float(np.quantile(_smallest_p(looks, sims, seed), alpha))
+
+
 def verdict(low: float, high: float, direction: int = 1, margin: float = MARGIN, near: bool = False) -> str:
     """The rule for every claim, on the 95% interval of an effect whose sign the paper predicts (``direction``):
     'holds' where the whole interval lies on the paper's side of zero, 'reversed' where it lies on the other
@@ -270,10 +296,16 @@ def _row(claim: str, measured: str, effect: pd.Series, paper: tuple[float, str],
     text = "not run yet" if effect.empty else (
         f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n={len(effect)})" if len(effect) > 1 else f"{mean:+.1f} (n=1)")
     rule = "not run yet" if effect.empty else verdict(low, high, direction, near=near)
+    _, seq_low, seq_high = (t_interval(effect.values, sequential_level()) if len(effect) >= LOOKS[0]
+                            else (math.nan, math.nan, math.nan))
+    level = f"{sequential_level():.1%}"
+    sequential = ("" if near or rule not in ("holds", "reversed") or math.isnan(seq_low) else
+                  f"excludes zero at {level} too" if seq_low > 0 or seq_high < 0 else f"not at {level}")
     return dict(claim=claim, threat_model=threat_model, measured=measured, kit=text, paper=paper[1], verdict=rule,
                 decided=rule not in ("not run yet", "undecided"),
                 paper_size=paper_size(low, high, paper[0]), mean=mean, low=low,
-                high=high, seeds=len(effect), direction=direction, near=near, paper_effect=paper[0])
+                high=high, seeds=len(effect), direction=direction, near=near, paper_effect=paper[0],
+                sequential=sequential)
 
 
 def _bn_ratio(bnstats: pd.DataFrame) -> pd.Series:
@@ -641,8 +673,10 @@ def plot_bnstats(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt
 
 def findings_markdown(table: pd.DataFrame) -> str:
     """The claims table as Markdown: claim, threat model, what is measured, the kit's effect with its interval,
-    the paper's, the verdict and whether the paper's effect size is ruled out."""
-    columns = [c for c in ("claim", "threat_model", "measured", "kit", "paper", "paper_pgd5", "verdict", "paper_size")
+    the paper's, the verdict (with, from 5 seeds on, whether an interval that excludes zero still does at the
+    sequential level: :func:`sequential_level`) and whether the paper's effect size is ruled out."""
+    columns = [c for c in ("claim", "threat_model", "measured", "kit", "paper", "paper_pgd5", "verdict", "sequential",
+                           "paper_size")
                if c in table]
     return table[columns].to_markdown(index=False)
 
@@ -710,6 +744,17 @@ def _longer_text(check: pd.DataFrame) -> str:
              for r in check.itertuples()]
     return ("Longer-training check (`longer.yaml`, pilot seed 101, not in the verdicts), effect at 8 -> 16 epochs: "
             + "; ".join(parts) + ".")
+
+
+def _sequential_text(table: pd.DataFrame) -> str:
+    """What looking after every seed does to the 95% intervals, and how many decided verdicts survive it."""
+    looked = table[(table["seeds"] >= LOOKS[0]) & table["verdict"].isin(["holds", "reversed"]) & ~table["near"]]
+    kept = int(looked["sequential"].str.startswith("excludes").sum())
+    return (f"The stopping rule looks after each seed from {LOOKS[0]} to {LOOKS[-1]}: a claim without an effect "
+            f"then excludes zero at some look in {sequential_error():.0%} of studies, not 5% (simulated); at the "
+            f"per-look level {sequential_level():.1%}, which keeps that at 5%, "
+            + (f"{kept} of the {len(looked)} intervals with {LOOKS[0]}+ seeds that exclude zero still do."
+               if len(looked) else f"no interval has {LOOKS[0]} seeds yet."))
 
 
 def _mean_text(summary: pd.DataFrame, metric: str) -> str:
@@ -781,6 +826,7 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
                f"(each interval is 95% on its own: among {len(table)} verdicts one or two may exclude zero by "
                "chance). The paper's own exception to C1 (Section 4.2: small data sets, small eps) is what the scale "
                "rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
-               f"[figures/study_claims.md](figures/study_claims.md). {_longer_text(check)}")
+               f"[figures/study_claims.md](figures/study_claims.md). {_sequential_text(table)} "
+               f"{_longer_text(check)}")
     return "\n".join([" ".join(intro), "", *README_HEADER, *[r for r in rows if r], "", closing, "",
                       "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"])

@@ -68,6 +68,31 @@ def test_claims_are_paired_differences_over_seeds():
     assert table.loc["C4", "verdict"] == "not run yet" and table.loc["C4", "seeds"] == 0
 
 
+def test_looking_after_every_seed_raises_the_error_and_the_sequential_level_brings_it_back_to_5_percent():
+    assert study.sequential_error(looks=(5,)) == pytest.approx(0.05, abs=0.006)  # one look: the interval's own 5%
+    assert study.sequential_error() > 0.12  # twelve looks, after 5, 6, ..., 16 seeds
+    level = study.sequential_level()
+    assert 0.975 < level < 0.995
+    # on other simulated studies than those the level was found on, it holds the error at 5%
+    assert study.sequential_error(level=level, seed=1) == pytest.approx(0.05, abs=0.006)
+
+
+def test_decided_verdicts_from_five_seeds_say_whether_they_survive_the_sequential_level():
+    base = [50.0] * 5
+    runs = _runs({("adv-clean100", "-"): base,
+                  ("adv-clean0", "-"): [50 + e for e in (0.5, 1.5, 2.5, 3.5, 4.5)],  # t = 3.5: 95% only
+                  ("adv-clean100-gn", "-"): [50 + e for e in (5.0, 5.5, 6.0, 6.5, 7.0)]})  # t = 17
+    table = study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    level = f"{study.sequential_level():.1%}"
+    assert table.loc["C1", "verdict"] == "holds" and table.loc["C1", "sequential"] == f"not at {level}"
+    assert table.loc["C3", "sequential"] == f"excludes zero at {level} too"
+    assert table.loc["C3b", "sequential"] == ""  # a nearness claim: the sequential bound is about zero
+    assert "1 of the 2 intervals with 5+ seeds that exclude zero still do" in study._sequential_text(table.reset_index())
+    four = study.claims(_runs({k: v[:4] for k, v in {("adv-clean100", "-"): base, ("adv-clean0", "-"): [60.0] * 5}
+                               .items()}), pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    assert four.loc["C1", "sequential"] == ""  # the rule is checked from 5 seeds on
+
+
 def test_export_writes_tidy_tables_and_keeps_earlier_rows(tmp_path):
     runs_root = tmp_path / "runs"
     cfg = config.make_config("test", name="adv-clean100-mbn-seed0", runs_root=str(runs_root / "main"), norm="mbn",
