@@ -376,8 +376,8 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
         row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
             paired(acc("ft-adv"), acc("adv-clean0")), fx["C7b"], direction=-1),
         row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
-                   "(near: the paper finds no robustness gained)",
-            paired(acc("ft-adv"), acc("standard")), fx["C7c"], near=True),
+                   "(near: the paper finds no robustness gained)",  # main.yaml's standard runs skip AutoAttack
+            paired(acc("ft-adv"), acc("standard" if attack == "pgd" else "standard-aa")), fx["C7c"], near=True),
         row("C8", f"gain from small_resnet8 to {deepest or 'a deeper ResNet'}: {strongest} of adversarial training minus clean "
                   "accuracy of standard training",
             paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
@@ -779,12 +779,11 @@ def _readme_row(claim: str, title: str, by: dict, dependent: set) -> str | None:
     if free is not None:
         cells = [f"{free['kit']}, {free['threat_model']}", "-", _verdict_cell(free, dependent)]
     else:
-        # AutoAttack runs in the same run as the PGD curve: missing beside PGD numbers means not evaluated (by
-        # design, e.g. standard training for C7c), not "not run yet"
-        evaluated = aa_row is not None and (aa_row["seeds"] > 0 or pgd_row["seeds"] == 0)
-        cells = [pgd_row["kit"], aa_row["kit"] if evaluated else "not evaluated",
+        # no AutoAttack row: a claim about the PGD-N curve (C5), which AutoAttack has no counterpart of
+        cells = [pgd_row["kit"], aa_row["kit"] if aa_row is not None else "- (PGD-N only)",
                  _verdict_cell(pgd_row, dependent) + ("; " + _verdict_cell(aa_row, dependent)
-                                                      if evaluated and aa_row["seeds"] + pgd_row["seeds"] > 0 else "")]
+                                                      if aa_row is not None and aa_row["seeds"] + pgd_row["seeds"] > 0
+                                                      else "")]
     return f"| {claim} | {title} | {cells[0]} | {cells[1]} | {paper_cell} | {cells[2]} |"
 
 

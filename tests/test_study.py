@@ -167,6 +167,24 @@ def test_claims_under_autoattack_use_its_rows_and_the_scale_axis_fits_a_slope_pe
         study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS), "untargeted")
 
 
+def test_c7c_under_autoattack_compares_with_the_standard_runs_trained_again_with_autoattack():
+    """main.yaml's standard runs skip AutoAttack; standard-autoattack.yaml's (setting standard-aa) give C7c under
+    AutoAttack its baseline, while targeted PGD keeps main.yaml's standard runs."""
+    rows = []
+    for seed in range(3):
+        for setting, pgd, aa in (("ft-adv", 70.0 + seed, 30.0), ("standard", 1.0, None), ("standard-aa", 5.0, 0.5)):
+            for attack, value in (("clean", 90.0), ("pgd", pgd), ("autoattack", aa)):
+                if value is not None:
+                    rows.append(dict(sweep="main", run=f"{setting}-seed{seed}", setting=setting, seed=seed,
+                                     arch="small_resnet8", branch="-", attack=attack,
+                                     steps=0 if attack == "clean" else 100, accuracy=value))
+    table = study.all_claims(pd.DataFrame(rows), pd.DataFrame(columns=study.BNSTATS_COLUMNS))
+    table = table.set_index(["claim", "threat_model"])
+    assert table.loc[("C7c", "targeted PGD"), "mean"] == pytest.approx(70.0)  # 71 - 1, not 71 - 5
+    assert table.loc[("C7c", "AutoAttack"), "mean"] == pytest.approx(29.5)
+    assert table.loc[("C7c", "AutoAttack"), "verdict"] == "reversed"
+
+
 def test_c9b_is_zero_in_expectation_under_sampling_noise_alone():
     """Batch variances drawn around the running one: |batch - running| and |batch1 - batch2| / sqrt(2) agree (the
     statistic without the sqrt(2) sits far below zero); a shifted running variance moves it above zero."""

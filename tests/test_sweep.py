@@ -372,3 +372,19 @@ def test_the_decisive_studys_later_seeds_train_exactly_main_yamls_points():
     assert {p.config.seed for p in later} == set(range(5, 16))
     for point in later:
         assert strip(point) == main[strip(point)["name"]], point.config.name
+
+
+def test_standard_trainings_autoattack_runs_repeat_main_yamls_standard_point():
+    """standard-autoattack.yaml gives C7c its AutoAttack baseline: main.yaml's standard runs (seeds 0-4) trained
+    again, differing only in that AutoAttack is evaluated (and in name and folder)."""
+    folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
+    standard = {p.config.seed: p.config.to_dict() for p in sweep.load_sweep(folder / "main.yaml")
+                if p.config.name.startswith("standard-")}
+    again = sweep.load_sweep(folder / "standard-autoattack.yaml")
+    assert {p.config.seed for p in again} == set(standard) == set(range(5))
+    ignored = {"name", "runs_root", "run_dir", "eval_autoattack_n"}
+    for point in again:
+        values = point.config.to_dict()
+        assert values["eval_autoattack_n"] >= 1000 and standard[point.config.seed]["eval_autoattack_n"] == 0
+        assert {k: v for k, v in values.items() if k not in ignored} == \
+            {k: v for k, v in standard[point.config.seed].items() if k not in ignored}, point.config.name
