@@ -117,12 +117,24 @@ def record_gates(rows: list[dict], out_dir: str | Path = TABLES_DIR) -> pd.DataF
     return table
 
 
+GPU_PREFIX = "gpu-"  # a GPU's sweeps (gpu-main.yaml, ...): their seeds (16+) pool with the CPU sweep of that name
+
+
 def load(out_dir: str | Path = TABLES_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The committed study tables: (runs, bnstats); empty frames where a table does not exist yet."""
+    """The committed study tables: (runs, bnstats); empty frames where a table does not exist yet. The GPU's
+    sweeps are pooled with the CPU's (``sweep`` loses the ``gpu-`` prefix; ``device`` says which ran a run);
+    ValueError where both devices hold the same run (a seed must run all its points on one device)."""
     out_dir = Path(out_dir)
     read = lambda name, columns: (pd.read_csv(out_dir / name) if (out_dir / name).exists()
                                   and (out_dir / name).stat().st_size > 0 else pd.DataFrame(columns=columns))
-    return read("runs.csv", RUN_COLUMNS), read("bnstats.csv", BNSTATS_COLUMNS)
+    runs, bnstats = read("runs.csv", RUN_COLUMNS), read("bnstats.csv", BNSTATS_COLUMNS)
+    pooled = lambda frame: frame.assign(sweep=frame["sweep"].astype(str).str.removeprefix(GPU_PREFIX))
+    runs, bnstats = pooled(runs), pooled(bnstats)
+    both = runs[runs.duplicated([c for c in ("sweep", "run", "branch", "attack", "steps") if c in runs], keep=False)]
+    if len(both):
+        raise ValueError(f"{out_dir / 'runs.csv'}: runs {sorted(set(both['run']))} of sweep "
+                         f"{sorted(set(both['sweep']))} exist on both devices; a seed must run on one (GPU seeds: 16+)")
+    return runs, bnstats
 
 
 # ---------------------------------------------------------------- the paper's own effects
@@ -376,8 +388,10 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
         row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
             paired(acc("ft-adv"), acc("adv-clean0")), fx["C7b"], direction=-1),
         row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
-                   "(near: the paper finds no robustness gained)",  # main.yaml's standard runs skip AutoAttack
-            paired(acc("ft-adv"), acc("standard" if attack == "pgd" else "standard-aa")), fx["C7c"], near=True),
+                   "(near: the paper finds no robustness gained)",
+            # main.yaml's standard runs skip AutoAttack: standard-autoattack.yaml's (CPU) or gpu-main.yaml's give it
+            paired(acc("ft-adv"), acc("standard") if attack == "pgd" else
+                   acc("standard-aa").combine_first(acc("standard"))), fx["C7c"], near=True),
         row("C8", f"gain from small_resnet8 to {deepest or 'a deeper ResNet'}: {strongest} of adversarial training minus clean "
                   "accuracy of standard training",
             paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
@@ -757,6 +771,28 @@ def _sequential_text(table: pd.DataFrame) -> str:
                if len(looked) else f"no interval has {LOOKS[0]} seeds yet."))
 
 
+def _devices_text(runs: pd.DataFrame) -> str:
+    """Which device trained which runs and seeds (GPU seeds are pooled with the CPU's: docs/study-design.md)."""
+    if runs.empty or "device" not in runs:
+        return ""
+    kind = runs["device"].astype(str).str.split(":").str[0]
+    parts = [f"{g['run'].nunique()} runs of seeds {_seed_list(sorted(g['seed'].unique()))} on {name}"
+             + (f" ({', '.join(sorted(set(g['precision'].astype(str))))})" if "precision" in g else "")
+             for name, g in runs.groupby(kind)]
+    return "Devices: " + "; ".join(parts) + "."
+
+
+def _seed_list(seeds: list) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans, start = [], None
+    for i, seed in enumerate(seeds):
+        start = seed if start is None else start
+        if i + 1 == len(seeds) or seeds[i + 1] != seed + 1:
+            spans.append(f"{start}" if start == seed else f"{start}-{seed}")
+            start = None
+    return ", ".join(spans)
+
+
 def _mean_text(summary: pd.DataFrame, metric: str) -> str:
     row = summary[summary["metric"] == metric]
     if row.empty:
@@ -826,6 +862,6 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
                "chance). The paper's own exception to C1 (Section 4.2: small data sets, small eps) is what the scale "
                "rows test: C1 at 6,144, 12,288 and 24,576 images. Every row with its interval bounds: "
                f"[figures/study_claims.md](figures/study_claims.md). {_sequential_text(table)} "
-               f"{_longer_text(check)}")
+               f"{_longer_text(check)} {_devices_text(runs)}")
     return "\n".join([" ".join(intro), "", *README_HEADER, *[r for r in rows if r], "", closing, "",
                       "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"])

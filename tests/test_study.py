@@ -178,11 +178,37 @@ def test_c7c_under_autoattack_compares_with_the_standard_runs_trained_again_with
                     rows.append(dict(sweep="main", run=f"{setting}-seed{seed}", setting=setting, seed=seed,
                                      arch="small_resnet8", branch="-", attack=attack,
                                      steps=0 if attack == "clean" else 100, accuracy=value))
+    # a GPU seed (16): its standard run is evaluated under AutoAttack itself (gpu-main.yaml)
+    for setting, attack, value in (("ft-adv", "autoattack", 31.0), ("ft-adv", "pgd", 72.0), ("standard", "pgd", 1.0),
+                                   ("standard", "autoattack", 0.0)):
+        rows.append(dict(sweep="main", run=f"{setting}-seed16", setting=setting, seed=16, arch="small_resnet8",
+                         branch="-", attack=attack, steps=100, accuracy=value))
     table = study.all_claims(pd.DataFrame(rows), pd.DataFrame(columns=study.BNSTATS_COLUMNS))
     table = table.set_index(["claim", "threat_model"])
-    assert table.loc[("C7c", "targeted PGD"), "mean"] == pytest.approx(70.0)  # 71 - 1, not 71 - 5
-    assert table.loc[("C7c", "AutoAttack"), "mean"] == pytest.approx(29.5)
+    assert table.loc[("C7c", "targeted PGD"), "mean"] == pytest.approx((69 + 70 + 71 + 71) / 4)  # minus 1, not 5
+    assert table.loc[("C7c", "AutoAttack"), "mean"] == pytest.approx((29.5 * 3 + 31.0) / 4)
+    assert table.loc[("C7c", "AutoAttack"), "seeds"] == 4
     assert table.loc[("C7c", "AutoAttack"), "verdict"] == "reversed"
+
+
+def test_a_gpus_seeds_pool_with_the_cpus_and_the_readme_says_which_device_ran_which(tmp_path):
+    rows = []
+    for sweep, seeds, device in (("main", (0, 1), "cpu: AMD EPYC, 1 threads"), ("gpu-main", (16,), "cuda: H100")):
+        for seed in seeds:
+            for setting, value in (("adv-clean0", 60.0 + seed), ("adv-clean100", 55.0 + seed)):
+                rows.append(dict(sweep=sweep, run=f"{setting}-seed{seed}", setting=setting, seed=seed,
+                                 arch="small_resnet8", branch="-", attack="pgd", steps=100, accuracy=value,
+                                 device=device, precision="fp32"))
+    pd.DataFrame(rows).reindex(columns=study.RUN_COLUMNS).to_csv(tmp_path / "runs.csv", index=False)
+    runs, _ = study.load(tmp_path)
+    assert set(runs["sweep"]) == {"main"}
+    table = study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    assert table.loc["C1", "seeds"] == 3 and table.loc["C1", "mean"] == pytest.approx(5.0)
+    assert study._devices_text(runs) == "Devices: 4 runs of seeds 0-1 on cpu (fp32); 2 runs of seeds 16 on cuda (fp32)."
+    clash = pd.DataFrame(rows + [dict(rows[0], sweep="gpu-main", device="cuda: H100")])
+    clash.reindex(columns=study.RUN_COLUMNS).to_csv(tmp_path / "runs.csv", index=False)
+    with pytest.raises(ValueError, match=r"\['adv-clean0-seed0'\] of sweep \['main'\] exist on both devices"):
+        study.load(tmp_path)
 
 
 def test_c9b_is_zero_in_expectation_under_sampling_noise_alone():

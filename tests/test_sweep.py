@@ -388,3 +388,77 @@ def test_standard_trainings_autoattack_runs_repeat_main_yamls_standard_point():
         assert values["eval_autoattack_n"] >= 1000 and standard[point.config.seed]["eval_autoattack_n"] == 0
         assert {k: v for k, v in values.items() if k not in ignored} == \
             {k: v for k, v in standard[point.config.seed].items() if k not in ignored}, point.config.name
+
+
+def _run_direct():
+    """notebooks/sweeps/decisive/run_direct.py (a script beside the sweep files) as a module."""
+    import importlib.util
+
+    path = paths.project_root() / "notebooks" / "sweeps" / "decisive" / "run_direct.py"
+    spec = importlib.util.spec_from_file_location("run_direct", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_direct_runs_points_without_papermill_waits_for_starting_runs_and_skips_finished_ones(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST, "points": [
+        {"name": "a", "clean_ratio": 0},
+        {"name": "b", "init_checkpoint": "run:a", "finetune_bn": True, "clean_ratio": 0, "warmup_epochs": 0}]}))
+    direct = _run_direct()
+    assert direct.main([str(f), "--jobs", "2", "--logs", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("a: done") < out.index("b: started")  # b starts from a's weights
+    assert rundir.RunDir(runs / "a").finished() and rundir.RunDir(runs / "b").finished()
+    assert not (runs / "a" / "experiment.ipynb").exists()  # no notebook: papermill never ran
+    assert direct.main([str(f), "--logs", str(tmp_path / "logs")]) == 0
+    assert "skipped: 2" in capsys.readouterr().out
+
+
+def test_run_direct_starts_nothing_after_its_deadline_and_refuses_bad_input_before_running(tmp_path, capsys):
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(tmp_path / "runs"), "base": FAST,
+                                                 "points": [{"name": "a"}]}))
+    direct = _run_direct()
+    assert direct.main([str(f), "--deadline", "0", "--logs", str(tmp_path / "logs")]) == 0
+    assert "not started: 1 (a)" in capsys.readouterr().out and not (tmp_path / "runs" / "a").exists()
+    with pytest.raises(SystemExit):
+        direct.main([str(f), "--jobs", "0"])
+    assert "--jobs=0 is not accepted" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        direct.main([str(f), "--deadline", "60", "--stop", "30"])
+    assert "--stop=30 is not accepted: give at least --deadline=60" in capsys.readouterr().err
+    bad = _write(tmp_path / "bad.yaml", "base: {preset: test}\npoints:\n  - {name: a, clean_ratio: 2}")
+    with pytest.raises(ValueError, match="clean_ratio=2"):
+        direct.main([str(f), str(bad)])
+    assert not (tmp_path / "runs" / "a").exists()
+
+
+@pytest.mark.parametrize("name", ["main", "ablations", "depth"])
+def test_the_gpu_sweeps_train_the_cpu_sweeps_points_in_fp32_on_seeds_the_cpu_never_uses(name):
+    """gpu-<name>.yaml repeats <name>.yaml's points on seeds 16+ (the CPU's sweeps use 0-15) with bf16 off; only
+    standard training adds AutoAttack (C7c's baseline). A drifted recipe would pool unlike runs."""
+    folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
+    key = lambda point: re.sub(r"-seed\d+", "", point.config.name)
+    cpu_files = [folder / f"{name}.yaml"] + ([folder / "more-seeds.yaml"] if name == "main" else [])
+    cpu = {key(p): p.config.to_dict() for f in cpu_files for p in sweep.load_sweep(f)}
+    gpu = sweep.load_sweep(folder / f"gpu-{name}.yaml")
+    assert min(p.config.seed for p in gpu) >= 16 > max(p.config.seed for f in cpu_files for p in sweep.load_sweep(f))
+    assert {key(p) for p in gpu} == {key(p) for p in sweep.load_sweep(folder / f"{name}.yaml")}
+    for point in gpu:
+        values, reference = point.config.to_dict(), cpu[key(point)]
+        assert values["bf16"] is False and reference["bf16"] is None
+        differ = {k for k in values if values[k] != reference[k]} - {"name", "runs_root", "seed", "bf16",
+                                                                    "init_checkpoint"}
+        assert differ == ({"eval_autoattack_n"} if key(point) == "standard" and name == "main" else set()), \
+            (point.config.name, differ)
+
+
+def test_run_direct_stops_the_runs_still_going_at_stop_and_never_counts_them_done(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST | {"epochs": 4},
+                                                 "points": [{"name": "a"}, {"name": "b"}]}))
+    assert _run_direct().main([str(f), "--deadline", "0.5", "--stop", "3", "--logs", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    assert "stopped: 1 (a)" in out and "not started: 1 (b)" in out and "done: 0" in out
+    assert not rundir.RunDir(runs / "a").finished()

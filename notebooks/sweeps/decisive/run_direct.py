@@ -1,0 +1,109 @@
+"""Run sweep files' points as ``python -m advkit.run`` processes, several at once, without papermill or Jupyter: for
+a GPU machine that has neither (the decisive study's GPU sessions, docs/study-design.md). It uses only the kit's
+public API of the code it runs with (``PYTHONPATH``: the study's frozen commit), so it travels beside that code.
+
+    python run_direct.py FILE [FILE ...] --jobs 12 --deadline 360 --stop 540 --logs DIR
+
+Points run in the files' order. A finished point is skipped; a point that starts from another point's run
+(``init_checkpoint: run:NAME``) waits until that run has finished and is dropped if it fails. No point starts
+after ``--deadline`` seconds; the ones still running at ``--stop`` seconds get SIGTERM (the kit saves a checkpoint
+and exits 143) and are reported as stopped, never as done. TF32 is switched off in every run, so that a GPU's fp32
+training and evaluation are fp32 (the sweep files switch bf16 off). Exit status 1 if a point failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from advkit import sweep
+from advkit.rundir import RunDir
+
+CHILD = ("import sys, torch; torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False; "
+         "from advkit.run import main; raise SystemExit(main(['--resume', sys.argv[1]]))")
+
+
+def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: Path) -> dict[str, list[str]]:
+    """Run the unfinished points of ``files``, ``jobs`` at a time, starting none after ``deadline`` seconds and
+    stopping those still running at ``stop`` seconds."""
+    points = [p for f in files for p in sweep.load_sweep(f)]
+    logs.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "stopped": [], "not started": []}
+    outcome["skipped"] = [p.config.name for p in points if sweep.finished(p)]
+    waiting = [p for p in points if not sweep.finished(p)]
+    planned = {str(p.config.run_dir) for p in waiting}
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    start = time.monotonic()
+    failed_dirs: set[str] = set()
+    while waiting or running:
+        for name, (process, point) in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                ok = process.returncode == 0 and RunDir(point.config.run_dir).finished()
+                outcome["done" if ok else "failed"].append(name)
+                if not ok:
+                    failed_dirs.add(str(point.config.run_dir))
+                print(f"[direct] {name}: {'done' if ok else f'failed (exit {process.returncode})'} at "
+                      f"{time.monotonic() - start:.0f} s", flush=True)
+        if time.monotonic() - start >= stop or (time.monotonic() - start >= deadline and not running):
+            break
+        for point in list(waiting) if time.monotonic() - start < deadline else []:
+            if len(running) >= jobs:
+                break
+            source = point.config.init_checkpoint
+            if source and str(source) in failed_dirs:
+                waiting.remove(point)
+                outcome["failed"].append(f"{point.config.name} (its starting run failed)")
+                continue
+            busy = {str(q.config.run_dir) for _, q in running.values()}
+            if source and str(source) in planned and (str(source) in busy or not RunDir(source).finished()):
+                continue  # its starting run has not finished yet
+            waiting.remove(point)
+            config_file = logs / f"{point.config.name}.json"
+            values = dataclasses.replace(point.config, resume="auto", overwrite=False).to_dict()
+            config_file.write_text(json.dumps(values, default=str))
+            log = open(logs / f"{point.config.name}.log", "w")
+            running[point.config.name] = (subprocess.Popen([sys.executable, "-c", CHILD, str(config_file)],
+                                                           stdout=log, stderr=subprocess.STDOUT), point)
+            print(f"[direct] {point.config.name}: started at {time.monotonic() - start:.0f} s", flush=True)
+        time.sleep(1)
+    for name, (process, _) in running.items():  # the deadline: stop, let each save its checkpoint
+        process.send_signal(signal.SIGTERM)
+    for name, (process, _) in running.items():
+        process.wait()
+        outcome["stopped"].append(name)
+    outcome["not started"] = [p.config.name for p in waiting]
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="sweep files, run in this order")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds until no run starts")
+    parser.add_argument("--stop", type=float, default=None,
+                        help="seconds at which running ones are stopped (default: the deadline)")
+    parser.add_argument("--logs", type=Path, default=Path("runs/direct-logs"), help="each run's log and config")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} is not accepted: give 1 or more")
+    for file in args.files:
+        sweep.load_sweep(file)  # every file checked before anything runs
+    stop = args.deadline if args.stop is None else args.stop
+    if stop < args.deadline:
+        parser.error(f"--stop={stop:g} is not accepted: give at least --deadline={args.deadline:g}")
+    outcome = run_points(args.files, args.jobs, args.deadline, stop, args.logs)
+    for state, names in outcome.items():
+        shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+        print(f"[direct] {state}: {len(names)}" + (f" ({shown})" if names else ""), flush=True)
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
