@@ -771,6 +771,19 @@ def _sequential_text(table: pd.DataFrame) -> str:
                if len(looked) else f"no interval has {LOOKS[0]} seeds yet."))
 
 
+def gates_text(gates: pd.DataFrame) -> str:
+    """The validity gates (``gates.csv``) in one sentence: each gated run's clean accuracy on the full test set
+    with its weights, and how many fall below the gate."""
+    g = gates.iloc[0]
+    each = ", ".join(f"{r.run} **{r.clean_acc_full_test:.2f}%** (weights {r.weights})" for r in gates.itertuples())
+    below = [r.run for r in gates.itertuples()
+             if not r.clean_acc_full_test >= float(str(r.gate).replace(">=", "").strip())]
+    verdict = f"{len(below)} of {len(gates)} below it ({', '.join(below)})" if below else (
+        "it is met" if len(gates) == 1 else f"all {len(gates)} meet it")
+    return (f"Validity gate: standard training's clean accuracy on the full {int(g.images):,}-image test set "
+            f"({g.precision}, code {str(g.code)[:7]}; gate {g.gate}%): {each}; {verdict}.")
+
+
 def _devices_text(runs: pd.DataFrame) -> str:
     """Which device trained which runs and seeds (GPU seeds are pooled with the CPU's: docs/study-design.md)."""
     if runs.empty or "device" not in runs:
@@ -848,9 +861,7 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
         if not summary.empty else summary
     pgd = base.loc[base["metric"].str.startswith("PGD"), "metric"]
     strongest = pgd.iloc[0] if len(pgd) else "PGD"
-    intro = [f"Validity gate: standard training ({g.run}, weights {g.weights}, {g.precision}, code {str(g.code)[:7]}) "
-             f"reaches **{g.clean_acc_full_test:.2f}%** clean accuracy on the full {g.images:,}-image test set (gate: "
-             f"{g.gate}%)." for g in gates.itertuples()]
+    intro = [gates_text(gates)] if len(gates) else []
     intro.append(f"100% adv + 0% clean at eps 16 on the fixed evaluation set "
                  f"(n={int(base['seeds'].max()) if not base.empty else 0} seeds, mean [95% interval]): clean "
                  f"{_mean_text(base, 'clean')}, targeted {strongest} {_mean_text(base, strongest)}, AutoAttack "

@@ -378,6 +378,18 @@ def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_pa
     assert "--gate" in capsys.readouterr().err and not (tmp_path / "t2").exists()
 
 
+def test_the_readme_names_every_gated_run_and_the_ones_below_the_gate():
+    gates = pd.DataFrame([dict(run=f"standard-seed{k}", clean_acc_full_test=acc, images=10000, weights=f"w{k}",
+                               precision="fp32", device="cpu", code="3527c8e7332a", gate=">= 89")
+                          for k, acc in enumerate((91.09, 90.46))])
+    text = study.gates_text(gates)
+    assert "standard-seed0 **91.09%** (weights w0), standard-seed1 **90.46%** (weights w1); all 2 meet it." in text
+    below = study.gates_text(gates.assign(clean_acc_full_test=[91.09, 88.99]))
+    assert below.endswith("; 1 of 2 below it (standard-seed1).")
+    assert study.gates_text(gates.iloc[:1]).endswith("; it is met.")
+    assert study.gates_text(gates.assign(clean_acc_full_test=[91.09, 89.0])).endswith("all 2 meet it.")  # >= 89
+
+
 def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the_studys_interval(tmp_path):
     def rows(sweep, run, setting, seed, acc_pgd, branch="-", epochs=8):
         return [dict(sweep=sweep, run=run, setting=setting, seed=seed, arch="small_resnet8", branch=branch,
