@@ -747,7 +747,9 @@ def write_readme_section(path: str | Path, section: str) -> None:
 def _verdict_cell(row: pd.Series, length_dependent: set = frozenset()) -> str:
     ruled_out = ", the paper's effect ruled out" if "ruled out" in row["paper_size"] else ""
     depends = ", depends on training length" if (row["claim"], row["threat_model"]) in length_dependent else ""
-    return f"{row['verdict']}{ruled_out}{depends}"
+    early = f" (preliminary: {row['seeds']} seeds, the rule applies from {LOOKS[0]})" if (
+        0 < row["seeds"] < LOOKS[0] and row["verdict"] != "undecided") else ""
+    return f"{row['verdict']}{early}{ruled_out}{depends}"
 
 
 def _longer_text(check: pd.DataFrame) -> str:

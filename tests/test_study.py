@@ -378,6 +378,14 @@ def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_pa
     assert "--gate" in capsys.readouterr().err and not (tmp_path / "t2").exists()
 
 
+def test_verdicts_from_fewer_seeds_than_the_rule_needs_are_marked_preliminary_in_the_readme():
+    row = lambda seeds, verdict: pd.Series(dict(claim="C3b", threat_model="targeted PGD", verdict=verdict,
+                                                seeds=seeds, paper_size=""))
+    assert study._verdict_cell(row(2, "reversed")) == "reversed (preliminary: 2 seeds, the rule applies from 5)"
+    assert study._verdict_cell(row(5, "reversed")) == "reversed"
+    assert study._verdict_cell(row(2, "undecided")) == "undecided"
+
+
 def test_the_readme_names_every_gated_run_and_the_ones_below_the_gate():
     gates = pd.DataFrame([dict(run=f"standard-seed{k}", clean_acc_full_test=acc, images=10000, weights=f"w{k}",
                                precision="fp32", device="cpu", code="3527c8e7332a", gate=">= 89")
