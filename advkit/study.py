@@ -567,7 +567,8 @@ def _claim_points(ax: plt.Axes, table: pd.DataFrame) -> None:
             xerr = None if np.isnan(low) else [[r.mean * r.direction - low], [high - r.mean * r.direction]]
             ax.errorbar(r.mean * r.direction, i, xerr=xerr, fmt="o",
                         color=VERDICT_COLORS.get(r.verdict, "tab:gray"))
-        ax.text(1.02, i, r.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+        early = f" (n={r.seeds}, preliminary)" if 0 < r.seeds < LOOKS[0] and r.verdict != "undecided" else ""
+        ax.text(1.02, i, r.verdict + early, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}, {r.threat_model}"
                                       for r in table.itertuples()], fontsize=7)
