@@ -7,7 +7,7 @@
 # commit) with the sweep files written later and run_direct.py beside it, Fashion-MNIST's .gz files and the pinned
 # torchattacks wheel (AutoAttack). `run` prepares the data, runs gpu-main.yaml, then gpu-ablations.yaml and
 # gpu-depth.yaml, 12 runs at once, none started after START seconds, those still running stopped at STOP, and
-# writes $OUT/runs.tgz (the run folders without checkpoints) and $OUT/direct.log. Back here:
+# writes $OUT/runs.tgz (the run folders without checkpoints), logs.tgz and direct.log. Back here:
 # tar xzf runs.tgz -C ../study-code (the frozen worktree), then advkit study (docs/study-design.md).
 set -euo pipefail
 CODE=3527c8e7332af3c442d722076a516cefdca16ee0
@@ -44,7 +44,8 @@ print('code', device.code_version())"
     $py -c "import pathlib, shutil; from advkit.rundir import RunDir
 left = [d for d in pathlib.Path('runs/decisive').glob('gpu-*/*') if d.is_dir() and not RunDir(d).finished()]
 [shutil.rmtree(d) for d in left]; print('unfinished runs discarded:', len(left))" | tee -a "$out/direct.log"
-    tar czf "$out/runs.tgz" --exclude=checkpoints runs ;;
+    tar czf "$out/runs.tgz" --exclude=checkpoints --exclude=direct-logs runs  # ~20-45 kB a run
+    tar czf "$out/logs.tgz" runs/direct-logs ;;  # each run's log and config, apart (the 16 MiB limit a file)
   *)
     echo "usage: gpu.sh prepare | gpu.sh run START STOP" >&2; exit 2 ;;
 esac
