@@ -779,12 +779,11 @@ def gates_text(gates: pd.DataFrame) -> str:
     with its weights, and how many fall below the gate."""
     g = gates.iloc[0]
     each = ", ".join(f"{r.run} **{r.clean_acc_full_test:.2f}%** (weights {r.weights})" for r in gates.itertuples())
-    below = [r.run for r in gates.itertuples()
-             if not r.clean_acc_full_test >= float(str(r.gate).replace(">=", "").strip())]
+    below = [r.run for r in gates.itertuples() if not r.clean_acc_full_test >= GATE]
     verdict = f"{len(below)} of {len(gates)} below it ({', '.join(below)})" if below else (
         "it is met" if len(gates) == 1 else f"all {len(gates)} meet it")
     return (f"Validity gate: standard training's clean accuracy on the full {int(g.images):,}-image test set "
-            f"({g.precision}, code {str(g.code)[:7]}; gate {g.gate}%): {each}; {verdict}.")
+            f"({g.precision}, code {str(g.code)[:7]}; gate >= {GATE:g}%): {each}; {verdict}.")
 
 
 def _devices_text(runs: pd.DataFrame) -> str:
