@@ -34,9 +34,9 @@ def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: 
     stopping those still running at ``stop`` seconds."""
     points = [p for f in files for p in sweep.load_sweep(f)]
     logs.mkdir(parents=True, exist_ok=True)
-    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "stopped": [], "not started": []}
-    outcome["skipped"] = [p.config.name for p in points if sweep.finished(p)]
     waiting = [p for p in points if not sweep.finished(p)]
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [p.config.name for p in points if p not in waiting],
+                                     "failed": [], "stopped": [], "not started": []}
     planned = {str(p.config.run_dir) for p in waiting}
     running: dict[str, tuple[subprocess.Popen, object]] = {}
     start = time.monotonic()
@@ -68,12 +68,12 @@ def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: 
             config_file = logs / f"{point.config.name}.json"
             values = dataclasses.replace(point.config, resume="auto", overwrite=False).to_dict()
             config_file.write_text(json.dumps(values, default=str))
-            log = open(logs / f"{point.config.name}.log", "w")
-            running[point.config.name] = (subprocess.Popen([sys.executable, "-c", CHILD, str(config_file)],
-                                                           stdout=log, stderr=subprocess.STDOUT), point)
+            with open(logs / f"{point.config.name}.log", "w") as log:  # the child keeps its own copy
+                running[point.config.name] = (subprocess.Popen([sys.executable, "-c", CHILD, str(config_file)],
+                                                               stdout=log, stderr=subprocess.STDOUT), point)
             print(f"[direct] {point.config.name}: started at {time.monotonic() - start:.0f} s", flush=True)
         time.sleep(1)
-    for name, (process, _) in running.items():  # the deadline: stop, let each save its checkpoint
+    for name, (process, _) in running.items():  # --stop: each saves its checkpoint and exits
         process.send_signal(signal.SIGTERM)
     for name, (process, _) in running.items():
         process.wait()
