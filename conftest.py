@@ -8,7 +8,17 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 os.environ["ADVKIT_OUTPUT_BASE"] = tempfile.mkdtemp(prefix="advkit-test-runs-")
+
+
+@pytest.fixture(autouse=True)
+def figures_to_a_temporary_folder(monkeypatch, tmp_path_factory):
+    """Figures drawn without a folder go to a temporary one, never over the committed figures/."""
+    from advkit import plots
+
+    monkeypatch.setattr(plots, "FIGURES_DIR", tmp_path_factory.mktemp("figures"))
 
 TINY = dict(epochs=1, n_train=128, n_test=64, batch_size=32, eval_checkpoints=[1, 2, 4], sanity_n=0,
             bnstats_channels=4)

@@ -24,6 +24,7 @@ import pandas as pd
 from IPython.display import display
 
 from . import plots, results
+from .paths import project_root
 
 ALL = "(all)"
 FILTERS = {  # widget label -> column of the analysis table
@@ -32,7 +33,7 @@ FILTERS = {  # widget label -> column of the analysis table
 }
 THREAT_MODELS = ("targeted PGD", "untargeted PGD", "AutoAttack")
 AUTOATTACK = ("apgd-ce", "apgd-t", "autoattack")  # results.csv's attack names of AutoAttack's rows
-CLAIMS_CSV = plots.FIGURES_DIR / "study_claims.csv"
+CLAIMS_CSV = project_root() / "figures" / "study_claims.csv"  # the committed table, wherever figures are written
 PANELS = ("curves", "statistics", "examples", "claims")
 
 

@@ -317,7 +317,7 @@ def _row(claim: str, measured: str, effect: pd.Series, paper: tuple[float, str],
                 decided=rule not in ("not run yet", "undecided"),
                 paper_size=paper_size(low, high, paper[0]), mean=mean, low=low,
                 high=high, seeds=len(effect), direction=direction, near=near, paper_effect=paper[0],
-                sequential=sequential)
+                sequential=sequential, preliminary=0 < len(effect) < LOOKS[0] and rule != "undecided")
 
 
 def _bn_ratio(bnstats: pd.DataFrame) -> pd.Series:
@@ -567,7 +567,7 @@ def _claim_points(ax: plt.Axes, table: pd.DataFrame) -> None:
             xerr = None if np.isnan(low) else [[r.mean * r.direction - low], [high - r.mean * r.direction]]
             ax.errorbar(r.mean * r.direction, i, xerr=xerr, fmt="o",
                         color=VERDICT_COLORS.get(r.verdict, "tab:gray"))
-        early = f" (n={r.seeds}, preliminary)" if 0 < r.seeds < LOOKS[0] and r.verdict != "undecided" else ""
+        early = f" (n={r.seeds}, preliminary)" if r.preliminary else ""
         ax.text(1.02, i, r.verdict + early, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(table)), [f"{r.claim}{' (sign flipped)' if r.direction < 0 else ''}, {r.threat_model}"
@@ -748,8 +748,7 @@ def write_readme_section(path: str | Path, section: str) -> None:
 def _verdict_cell(row: pd.Series, length_dependent: set = frozenset()) -> str:
     ruled_out = ", the paper's effect ruled out" if "ruled out" in row["paper_size"] else ""
     depends = ", depends on training length" if (row["claim"], row["threat_model"]) in length_dependent else ""
-    early = f" (preliminary: {row['seeds']} seeds, the rule applies from {LOOKS[0]})" if (
-        0 < row["seeds"] < LOOKS[0] and row["verdict"] != "undecided") else ""
+    early = f" (preliminary: {row['seeds']} seeds, the rule applies from {LOOKS[0]})" if row["preliminary"] else ""
     return f"{row['verdict']}{early}{ruled_out}{depends}"
 
 

@@ -116,3 +116,14 @@ def test_saved_pdfs_carry_no_creation_date_so_a_redrawn_figure_is_the_same_file(
     assert b"CreationDate" not in first
     plots.save(fig, "line", tmp_path)
     assert pdf.read_bytes() == first
+
+
+def test_figures_drawn_in_tests_without_a_folder_never_touch_the_committed_figures():
+    import matplotlib.pyplot as plt
+
+    from advkit.paths import project_root
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png, pdf = plots.save(fig, "study_claims")  # the name of a committed figure, no folder given
+    assert png.exists() and png.parent != project_root() / "figures"

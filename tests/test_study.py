@@ -378,12 +378,16 @@ def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_pa
     assert "--gate" in capsys.readouterr().err and not (tmp_path / "t2").exists()
 
 
-def test_verdicts_from_fewer_seeds_than_the_rule_needs_are_marked_preliminary_in_the_readme():
-    row = lambda seeds, verdict: pd.Series(dict(claim="C3b", threat_model="targeted PGD", verdict=verdict,
-                                                seeds=seeds, paper_size=""))
-    assert study._verdict_cell(row(2, "reversed")) == "reversed (preliminary: 2 seeds, the rule applies from 5)"
-    assert study._verdict_cell(row(5, "reversed")) == "reversed"
-    assert study._verdict_cell(row(2, "undecided")) == "undecided"
+def test_verdicts_from_fewer_seeds_than_the_rule_needs_are_marked_preliminary_in_the_readme_and_figure():
+    def row(effects):
+        return pd.Series(study._row("C3", "x", pd.Series(effects, dtype=float), (18.1, "+18.1")))
+    assert study._verdict_cell(row([-3.0, -3.2])).startswith("reversed (preliminary: 2 seeds, the rule applies from 5)")
+    assert study._verdict_cell(row([-3.0, -3.2, -3.1, -2.9, -3.3])).startswith("reversed,")  # 5 seeds: the rule's
+    assert study._verdict_cell(row([-3.0, 3.2])) == "undecided"  # nothing decided, nothing to qualify
+    assert not row([]).preliminary  # not run yet
+    figure = study.plot_claims(pd.DataFrame([row([-3.0, -3.2]), row([-3.0, -3.2, -3.1, -2.9, -3.3])]))
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    assert labels == ["reversed (n=2, preliminary)", "reversed"]
 
 
 def test_the_readme_names_every_gated_run_and_the_ones_below_the_gate():
