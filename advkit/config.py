@@ -208,7 +208,7 @@ def parameters_cell() -> str:
     import re
 
     source = inspect.getsource(Config)
-    lines = ['preset: str = "test"  # test | demo | paper: every parameter left at None takes the preset\'s value']
+    lines = [f'preset: str = "test"  # {" | ".join(PRESETS)}: every parameter left at None takes the preset\'s value']
     for f in dataclasses.fields(Config):
         match = re.search(rf"^\s+{f.name}: (.+?) = .*?(?:  # (.*))?$", source, re.MULTILINE)
         annotation, help_text = match.group(1), match.group(2)
@@ -400,6 +400,16 @@ def _check_combinations(cfg: Config, check_paths: bool) -> None:
         raise ValueError("finetune_bn=True needs init_checkpoint: the model whose BN layers are finetuned")
     if check_paths and cfg.init_checkpoint:
         check_checkpoint_path(cfg.init_checkpoint)
+    if cfg.running_stats_epochs and cfg.norm == "gn":
+        raise ValueError(f"running_stats_epochs={cfg.running_stats_epochs} is not accepted with norm='gn': GroupNorm "
+                         "has no running statistics; use norm='bn' or 'mbn', or running_stats_epochs=0")
+    if cfg.attack_bn_mode != "running" and cfg.norm == "gn":
+        raise ValueError(f"attack_bn_mode={cfg.attack_bn_mode!r} is not accepted with norm='gn': it chooses BN "
+                         "statistics and GroupNorm has none; leave attack_bn_mode='running'")
+    if cfg.norm == "mbn" and not (cfg.adv_ratio == 1 and cfg.clean_ratio > 0):
+        raise ValueError(f"norm='mbn' is not accepted with adv_ratio={cfg.adv_ratio}, clean_ratio={cfg.clean_ratio}: "
+                         "Mixture BN trains MBN_adv on adversarial and MBN_clean on clean images, so it needs both "
+                         "(adv_ratio=1, clean_ratio > 0); one branch would never be trained, yet both are evaluated")
     if cfg.sync_bn and cfg.norm != "bn":
         raise ValueError(f"sync_bn=True is not accepted with norm={cfg.norm!r}: Mixture BN keeps each branch's "
                          "statistics apart and GroupNorm has none; use norm='bn' or sync_bn=False")

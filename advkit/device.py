@@ -6,6 +6,7 @@ import contextlib
 import platform
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ def eval_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractConte
     robustness number never depends on a precision nobody chose)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.eval_bf16)
 
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Plain fp32 on CUDA too: no TF32 matmuls or convolutions (PyTorch leaves cuDNN's TF32 on by default), so
+    that a number labelled fp32 is fp32. Also a decorator."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+def fp32_name(device: torch.device) -> str:
+    """'tf32' where a CUDA device would round fp32 matmuls or convolutions to TF32 (the flags as set now), else
+    'fp32'."""
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if device.type == "cuda" and tf32 else "fp32"
+
 def device_name(device: torch.device) -> str:
     """The hardware a number was computed on: the GPU's name, or the CPU's model and torch's thread count."""
     if device.type == "cuda":
@@ -69,7 +87,7 @@ def environment(cfg: Config, device: torch.device) -> dict[str, Any]:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "device": device_name(device), "torch_threads": torch.get_num_threads(),
-            "train_precision": "bf16" if uses_bf16(cfg, device) else "fp32",
+            "train_precision": "bf16" if uses_bf16(cfg, device) else fp32_name(device),
             "eval_precision": "bf16" if cfg.eval_bf16 else "fp32", "attack_fold_bn": cfg.attack_fold_bn,
             "attack_compile": cfg.attack_compile, "channels_last": uses_channels_last(cfg, device),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),

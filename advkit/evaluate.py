@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attacks, autoattack, data, distributed, models, norm, paper
-from .device import device_name, eval_autocast, resolve_rank_device, uses_channels_last
+from .device import device_name, eval_autocast, exact_fp32, resolve_rank_device, uses_channels_last
 from .validate import check_choice, check_range
 
 
@@ -213,6 +213,7 @@ def _spec_dir(root: Path, spec: dict, write: bool = True) -> Path:
     return folder
 
 
+@exact_fp32()
 def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.DataFrame:
     """The run's robustness curves, through every MBN branch, as one tidy table (also per-example results).
 
@@ -251,6 +252,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
     return table.assign(weights=weights, precision=precision, device=device_name(device))
 
 
+@exact_fp32()
 def full_test_accuracy(model: nn.Module, cfg) -> dict:
     """Clean accuracy (%) of ``model`` on every test image of its data set, fp32 through BN running statistics
     (every MBN branch the model has: the lowest counts), with the weights' digest, precision and device: the
@@ -310,7 +312,7 @@ def sanity_checks(
     checkpoints, eps = curve_checkpoints(attack, checkpoints), attack.eps
     before = _model_state(model)
     kw = dict(num_classes=num_classes, checkpoints=checkpoints, seed=seed)
-    with _exact_fp32():
+    with exact_fp32():
         rows = [_eps_zero_row(model, images, labels, curve_batch(model, images, labels,
                                                                  dataclasses.replace(attack, eps=0.0), **kw))]
         final, worst = curve_batch(model, images, labels, attack, **kw)
@@ -374,17 +376,6 @@ def _row(check: str, passed: bool | None, value: str, expected: str) -> dict:
 
 def _mean(flags: torch.Tensor) -> float:
     return flags.float().mean().item()
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    """Plain fp32 on CUDA too: no TF32 matmuls or convolutions, whose rounding (~1e-3) would blur the comparisons."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -630,6 +621,7 @@ def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool) -> dict
                               write=write) for branch in branches}
 
 
+@exact_fp32()
 def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_iter: int | None = None) -> pd.DataFrame:
     """AutoAttack on the first ``cfg.eval_autoattack_n`` images of the run's evaluation set, through every MBN
     branch, at ``cfg.eval_eps``: rows for ``results.csv`` (see :func:`autoattack_table`). Per-example results go

@@ -1,4 +1,5 @@
-"""Normalization layers of the paper: Mixture BN, BN -> GroupNorm, running-statistics mode, BN-only finetuning.
+"""Normalization layers of the paper: Mixture BN (and BN -> MBN for any model), GroupNorm, running-statistics mode,
+BN-only finetuning.
 
 Mixture BN (Section 4.2) keeps one BatchNorm for clean and one for adversarial batches in every norm
 position. The branch is a property of the whole model, selected with :func:`set_branch` or the
@@ -157,23 +158,6 @@ def group_count(num_channels: int, groups: int = 32) -> int:
 def group_norm(num_channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with 32 groups by default, fewer where the channel count demands."""
     return nn.GroupNorm(group_count(num_channels, groups), num_channels)
-
-
-def convert_bn_to_gn(model: nn.Module, groups: int = 32) -> nn.Module:
-    """Replace every BatchNorm2d by GroupNorm (affine parameters copied, statistics dropped)."""
-    check_range("groups", groups, 1, integer=True)
-
-    def convert(module: nn.Module) -> nn.Module:
-        if type(module) is not nn.BatchNorm2d:
-            return module
-        gn = group_norm(module.num_features, groups)
-        if module.affine:
-            with torch.no_grad():
-                gn.weight.copy_(module.weight)
-                gn.bias.copy_(module.bias)
-        return gn.to(_device_of(module)).train(module.training)
-
-    return _replace_modules(model, convert)
 
 
 def use_running_stats(model: nn.Module, enabled: bool = True) -> None:

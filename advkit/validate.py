@@ -7,9 +7,10 @@ from typing import Any
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
+    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them. True and False match
+    only themselves (Python has True == 1: ``adv_ratio=True`` or ``resume=1`` would slip through)."""
     choices = list(choices)
-    if value not in choices:
+    if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {choices}")
     return value
 

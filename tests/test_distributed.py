@@ -63,7 +63,7 @@ def test_a_failing_rank_fails_the_notebook_cell_with_its_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(norm="mbn", sync_bn=True), r"sync_bn=True is not accepted with norm='mbn'"),
+    (dict(norm="mbn", clean_ratio=1.0, sync_bn=True), r"sync_bn=True is not accepted with norm='mbn'"),
     (dict(batch_size=63, gpus=2), r"batch_size=63 is not accepted with gpus=2"),
 ])
 def test_impossible_distributed_combinations_are_refused(overrides, message):

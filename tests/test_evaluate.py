@@ -82,7 +82,7 @@ def test_interrupted_evaluation_resumes_from_saved_batches(clean_trained_model, 
 
 
 def test_mixture_bn_models_are_evaluated_through_each_branch(tmp_path):
-    cfg = make_config("test", name="mbn-eval", runs_root=str(tmp_path), norm="mbn", n_test=64, eval_checkpoints=[2])
+    cfg = make_config("test", name="mbn-eval", runs_root=str(tmp_path), norm="mbn", clean_ratio=1.0, n_test=64, eval_checkpoints=[2])
     model = train.build_model(cfg).eval()
     with torch.no_grad():
         for bn in norm.batch_norms(model, "clean"):
@@ -165,3 +165,28 @@ def test_a_fixed_eval_seed_evaluates_the_same_images_with_the_same_draws_whateve
     assert make_config("test", seed=3).evaluation_seed == 3
     with pytest.raises(ValueError, match="eval_seed"):
         make_config("test", eval_seed=-1)
+
+
+def test_numbers_labelled_fp32_are_computed_without_tf32_even_where_it_is_switched_on(tmp_path):
+    """PyTorch leaves cuDNN's TF32 on by default: evaluation and the validity gate switch it off (and back)."""
+    from advkit import device
+
+    cfg = make_config("test", name="tf32", runs_root=str(tmp_path), n_test=32, eval_checkpoints=[2])
+    model = train.build_model(cfg).eval()
+    tf32_seen = []
+    model.register_forward_pre_hook(
+        lambda *_: tf32_seen.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert device.fp32_name(torch.device("cuda")) == "tf32" and device.fp32_name(torch.device("cpu")) == "fp32"
+        cfg.run_dir.mkdir(parents=True)
+        table = evaluate.evaluate_model(model, cfg, show_progress=False)
+        gate = evaluate.full_test_accuracy(model, cfg)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # given back
+        with device.exact_fp32():
+            assert device.fp32_name(torch.device("cuda")) == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert tf32_seen and not any(tf32_seen)
+    assert set(table["precision"]) == {"fp32"} and gate["precision"] == "fp32"

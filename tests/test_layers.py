@@ -34,30 +34,44 @@ def test_every_module_has_a_tier():
     assert modules == set(TIER)
 
 
-def test_imports_run_down_the_tiers_and_make_no_circle():
-    graph = {m: _imports(m) for m in TIER}
-    upward = [(m, i) for m, imported in graph.items() for i in imported if TIER[i] > TIER[m]]
-    assert not upward, f"imports up the tiers: {upward}"
-    state: dict[str, int] = {}
+def upward_imports(graph: dict[str, set[str]], tier: dict[str, int]) -> list[tuple[str, str]]:
+    """(module, imported) pairs where a module imports one of a higher tier."""
+    return sorted((m, i) for m, imported in graph.items() for i in imported if tier[i] > tier[m])
 
-    def visit(m: str, trail: list[str]) -> None:
+
+def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, trail: list[str]) -> list[str] | None:
         if state.get(m) == 1:
-            raise AssertionError(f"import circle: {' -> '.join(trail + [m])}")
+            return trail[trail.index(m):] + [m]
         if state.get(m) == 2:
-            return
+            return None
         state[m] = 1
         for i in sorted(graph[m]):
-            visit(i, trail + [m])
+            if circle := visit(i, trail + [m]):
+                return circle
         state[m] = 2
+        return None
 
-    for module in sorted(graph):
-        visit(module, [])
+    return next((c for m in sorted(graph) if (c := visit(m, []))), None)
 
 
-def test_the_checker_catches_an_upward_import_and_a_circle(monkeypatch):
-    monkeypatch.setitem(TIER, "norm", 1)
-    graph = {"norm": {"train"}, "train": {"norm"}}
-    assert [(m, i) for m, imported in graph.items() for i in imported if TIER[i] > TIER[m]] == [("norm", "train")]
+def test_imports_run_down_the_tiers_and_make_no_circle():
+    graph = {m: _imports(m) for m in TIER}
+    assert not upward_imports(graph, TIER), f"imports up the tiers: {upward_imports(graph, TIER)}"
+    assert import_circle(graph) is None, f"import circle: {' -> '.join(import_circle(graph))}"
+
+
+def test_the_checker_catches_an_upward_import_and_a_circle():
+    graph = {"norm": {"train"}, "train": {"norm", "config"}, "config": set()}  # core norm importing train
+    assert upward_imports(graph, TIER) == [("norm", "train")]
+    assert import_circle(graph) == ["norm", "train", "norm"]
+    assert import_circle({"config": {"device"}, "device": {"rundir"}, "rundir": {"config"}}) == \
+        ["config", "device", "rundir", "config"]  # a circle within one tier
+    assert not upward_imports({"train": {"norm"}, "norm": set()}, TIER)
+    assert import_circle({"train": {"norm", "config"}, "config": {"norm"}, "norm": set()}) is None  # a diamond
 
 
 def test_the_analysis_tier_imports_without_torch():

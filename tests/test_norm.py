@@ -84,9 +84,21 @@ def test_convert_bn_to_mbn_keeps_the_function():
             assert torch.allclose(converted(x), expected, atol=1e-5)
 
 
-def test_convert_bn_to_gn_group_counts():
+
+def test_convert_bn_to_mbn_gives_a_torchvision_model_two_branches_that_train_apart():
+    import torchvision
+
+    model = norm.convert_bn_to_mbn(torchvision.models.resnet18(num_classes=10))
+    assert norm.has_mixture_bn(model) and len(norm.batch_norms(model, "adv")) == 20  # resnet18's 20 BNs
+    first = model.bn1
+    with norm.use_branch(model, "clean"):
+        model.train()(torch.rand(4, 3, 32, 32))
+    assert not torch.equal(first.clean.running_mean, first.adv.running_mean)  # only MBN_clean saw the batch
+
+
+def test_group_norm_takes_the_largest_group_count_that_divides_the_channels():
     assert norm.group_count(64) == 32 and norm.group_count(16) == 16 and norm.group_count(48) == 24
-    model = norm.convert_bn_to_gn(models.build_model("small_resnet8", 10, "bn", in_channels=1, mean=(0.5,), std=(0.5,)))
+    model = models.build_model("small_resnet8", 10, "gn", in_channels=1, mean=(0.5,), std=(0.5,))
     gns = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert gns and not norm.batch_norms(model)
     assert all(g.num_channels % g.num_groups == 0 and g.num_groups <= 32 for g in gns)

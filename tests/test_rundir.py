@@ -22,7 +22,7 @@ def _snapshot(folder):
 
 @pytest.mark.parametrize("change, named", [
     (dict(clean_ratio=0.5, lr=0.5, seed=7), ["clean_ratio: 0.0 -> 0.5", "lr: 0.1 -> 0.5", "seed: 0 -> 7"]),
-    (dict(norm="mbn"), ["norm: 'bn' -> 'mbn'"]),  # used to fail later with a raw state-dict error
+    (dict(norm="mbn", clean_ratio=1.0), ["norm: 'bn' -> 'mbn'"]),  # used to fail later with a raw state-dict error
     (dict(epochs=2, schedule="cosine", lr_decay_epochs=[]), ["schedule: 'step' -> 'cosine'"]),
 ])
 def test_a_resume_that_changes_what_is_trained_is_refused_naming_the_parameters(tmp_path, change, named):

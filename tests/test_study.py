@@ -19,6 +19,15 @@ def test_t_interval_matches_the_textbook_formula():
     assert math.isnan(study.t_interval([5.0])[1])
 
 
+def test_seeds_that_all_give_the_same_difference_decide_nothing():
+    """Accuracies on the fixed set move in 0.05-point steps: two seeds at -3.0 give sd 0, not a decided claim."""
+    assert study.t_interval([-3.0, -3.0])[0] == -3.0 and math.isnan(study.t_interval([-3.0, -3.0])[1])
+    row = study._row("C3b", "x", pd.Series([-3.0, -3.0]), (-0.2, "-0.2"), near=True)
+    assert row["verdict"] == "undecided" and row["kit"] == "-3.0 (n=2, every seed the same: no interval)"
+    assert row["paper_size"] == ""
+    assert study._row("C3b", "x", pd.Series([-3.0, -3.05]), (-0.2, "-0.2"), near=True)["verdict"] == "reversed"
+
+
 @pytest.mark.parametrize("low,high,direction,near,expected", [
     (1.0, 3.0, 1, False, "holds"),
     (-3.0, -1.0, 1, False, "reversed"),
@@ -140,6 +149,11 @@ def test_the_papers_effects_are_computed_from_its_tables(tmp_path):
     table7.to_csv(tmp_path / "table7.csv", index=False)
     changed = study.paper_effects(tmp_path)
     assert changed["C1"][0] == pytest.approx(9.2) and changed["C3"][0] == pytest.approx(9.0)
+    assert effects["C7c"][0] == 0.0
+    section = pd.read_csv(tmp_path / "section_numbers.csv")
+    section.loc[section["finetuning"] == "BN-only on adversarial images", "value"] = 4.0
+    section.to_csv(tmp_path / "section_numbers.csv", index=False)
+    assert study.paper_effects(tmp_path)["C7c"][0] == pytest.approx(4.0)
     table7[~mixed].to_csv(tmp_path / "table7.csv", index=False)
     with pytest.raises(ValueError, match=r"table7.csv holds 0 rows for resnet152, PGD-30, 1 clean, bn"):
         study.paper_effects(tmp_path)
@@ -403,17 +417,17 @@ def test_the_readme_names_every_gated_run_and_the_ones_below_the_gate():
 
 
 def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the_studys_interval(tmp_path):
-    def rows(sweep, run, setting, seed, acc_pgd, branch="-", epochs=8):
+    def rows(sweep, run, setting, seed, acc_pgd, acc_aa=60.0, branch="-", epochs=8):
         return [dict(sweep=sweep, run=run, setting=setting, seed=seed, arch="small_resnet8", branch=branch,
                      attack=attack, steps=steps, accuracy=value, epochs=epochs)
-                for attack, steps, value in (("clean", 0, 90.0), ("pgd", 100, acc_pgd), ("autoattack", 100, 60.0))]
+                for attack, steps, value in (("clean", 0, 90.0), ("pgd", 100, acc_pgd), ("autoattack", 100, acc_aa))]
 
     table = []
     for seed, gap in enumerate((1.0, 2.0, 3.0)):  # the study: C1 = +1, +2, +3 -> interval about [-0.5, 4.5]
-        table += rows("main", f"adv-clean0-seed{seed}", "adv-clean0", seed, 80.0 + gap)
+        table += rows("main", f"adv-clean0-seed{seed}", "adv-clean0", seed, 80.0 + gap, 60.0 + gap / 10)
         table += rows("main", f"adv-clean100-seed{seed}", "adv-clean100", seed, 80.0)
     for epochs, c1 in ((8, 2.0), (16, 9.0)):  # at 16 epochs C1 is +9: outside
-        table += rows("longer", f"adv-clean0-epochs{epochs}", f"adv-clean0-epochs{epochs}", 101, 80.0 + c1,
+        table += rows("longer", f"adv-clean0-epochs{epochs}", f"adv-clean0-epochs{epochs}", 101, 80.0 + c1, 60.2,
                       epochs=epochs)
         table += rows("longer", f"adv-clean100-epochs{epochs}", f"adv-clean100-epochs{epochs}", 101, 80.0,
                       epochs=epochs)
@@ -422,7 +436,7 @@ def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the
     check = study.longer_training(runs, claims).set_index(["claim", "threat_model"])
     pgd = check.loc[("C1", "targeted PGD")]
     assert (pgd["effect_8"], pgd["effect_16"], pgd["within"]) == (2.0, 9.0, False)
-    assert check.loc[("C1", "AutoAttack"), "within"] == True  # noqa: E712  (0 -> 0, inside [0, 0])
+    assert check.loc[("C1", "AutoAttack"), "within"] == True  # noqa: E712  (+0.2 -> +0.2, inside [-0.05, +0.45])
     assert ("C1", "targeted PGD") in {(c, t) for c, t in check.index}  # the longer runs stay out of the study:
     assert claims.set_index(["claim", "threat_model"]).loc[("C1", "targeted PGD"), "seeds"] == 3
     tables = tmp_path / "tables"

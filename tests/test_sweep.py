@@ -19,7 +19,7 @@ def test_grid_and_points_expand_with_names(tmp_path):
     f = _write(tmp_path / "s.yaml", f"""
 runs_root: {tmp_path / 'runs'}
 base: {{preset: test}}
-grid: {{seed: [0, 1], clean_ratio: [0.0, 1.0]}}
+grid: {{seed: [0, 1], clean_ratio: [0.5, 1.0]}}
 points:
   - {{name: bn}}
   - {{name: mbn, norm: mbn}}
