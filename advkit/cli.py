@@ -20,6 +20,11 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     chosen = [f"--{name}" for name in ("gpus", "slurm", "point") if getattr(args, name) is not None]
     if chosen and (args.jobs != 1 or args.shard != "0/1"):
         parser.error(f"{chosen[0]} is not accepted together with --jobs or --shard; give one way to run the sweep")
+    if args.jobs != 1 and args.shard != "0/1":
+        parser.error("--jobs and --shard are not accepted together: --jobs N runs N shards of its own; give one")
+    if args.jobs != 1 and (args.check or args.plan):
+        parser.error("--jobs is not accepted with --check or --plan, which run nothing; give --shard I/N to see "
+                     "one shard")
     if args.check and args.plan:
         parser.error("--check and --plan are not accepted together; give one")
     if args.check:
@@ -66,14 +71,30 @@ def _check_sweep(args: argparse.Namespace, shard: int, shards: int) -> int:
 
 
 def _parameters(args: argparse.Namespace) -> dict:
-    """The parameters of ``-f FILE`` (YAML) and ``-p NAME VALUE`` (each value read as YAML, like papermill's)."""
+    """The parameters of ``-f FILE`` (YAML) and ``-p NAME VALUE`` (each value read as YAML, like papermill's);
+    ValueError naming the option for a file that cannot be read, is not a mapping or sets a key twice, and for a
+    value that is not YAML."""
     import yaml
+
+    from .sweep import StrictLoader
 
     parameters = {}
     if args.file:
-        parameters |= yaml.safe_load(open(args.file)) or {}
+        try:
+            with open(args.file) as handle:
+                loaded = yaml.load(handle, Loader=StrictLoader) or {}
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            raise ValueError(f"-f {args.file} is not accepted: {str(exc).strip()}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"-f {args.file} is not accepted: it must hold a mapping of parameter: value, not a "
+                             f"{type(loaded).__name__}")
+        parameters |= loaded
     for name, value in args.parameter:
-        parameters[name] = yaml.safe_load(value)
+        try:
+            parameters[name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"-p {name} {value!r} is not accepted: not a YAML value ({str(exc).splitlines()[0]})") \
+                from None
     return parameters
 
 
@@ -87,9 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     from .rundir import RunDir
     from .sweep import execute
 
-    parameters = _parameters(args)
     try:
-        cfg = config_from_parameters(parameters)
+        cfg = config_from_parameters(_parameters(args))
     except ValueError as exc:
         print(f"advkit run: {exc}", file=sys.stderr)
         return 2
@@ -123,8 +143,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .external import evaluate_weights
     from .rundir import RunLocked
 
-    parameters = _parameters(args)
     try:
+        parameters = _parameters(args)
         for option in ("arch", "dataset", "name"):
             if getattr(args, option) is not None and option in parameters:
                 raise ValueError(f"{option} is given twice (--{option} and -p {option}); give it once")

@@ -198,7 +198,7 @@ class RunDir:
 
     def finished(self) -> bool:
         """The one rule for a finished run: status 'done' and a readable ``results.csv``."""
-        return self.state() == "done" and self.results_file.exists()
+        return self.state() == "done"
 
     def results(self):
         """``results.csv`` as a DataFrame, checked: the result columns present, no row cut short."""
@@ -207,6 +207,8 @@ class RunDir:
         try:
             table = pd.read_csv(self.results_file)
         except FileNotFoundError:
+            if self.status_file.exists() and self.read_json(self.status_file).get("state") == "done":
+                raise self._damaged(self.results_file, "missing, though status.json says done") from None
             raise
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise self._damaged(self.results_file, f"{type(exc).__name__}: {str(exc).strip()[:120]}") from None
@@ -222,7 +224,7 @@ class RunDir:
         later lines are dropped with a warning, and with ``repair`` the file is rewritten without them."""
         if not self.metrics_file.exists():
             return []
-        records, lines = [], self.metrics_file.read_text().splitlines()
+        records, lines = [], self.metrics_file.read_bytes().decode("utf-8", errors="replace").splitlines()
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)

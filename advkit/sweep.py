@@ -188,13 +188,22 @@ def load_sweep(path: str | Path) -> list[Point]:
         if not isinstance(notebook, str):
             raise ValueError(f"notebook={notebook!r} is not accepted; give a path to the experiment notebook")
         base = _parameters(spec.get("base"), "base")
+        if "runs_root" in spec and "runs_root" in base:
+            raise ValueError("runs_root is given twice (at the top and in base); give it once")
         if "runs_root" in spec:
             base["runs_root"] = spec["runs_root"]
         grid, named = _grid(spec.get("grid")), _points(spec.get("points"))
         check_choice("order", spec.get("order", "points"), ORDERS)
+        for index, point in enumerate(named):
+            if clash := sorted(set(point) & set(grid)):
+                raise ValueError(f"points[{index}] sets {clash}, which the grid sets too (the grid's values would "
+                                 "silently replace the point's); give each parameter in one place")
+        notebook = Path(notebook) if Path(notebook).is_absolute() else project_root() / notebook
+        if not notebook.is_file():
+            raise ValueError(f"notebook={str(notebook)!r} is not accepted: no such file; give the path of the "
+                             "experiment notebook (relative paths: to the repository root)")
     except ValueError as exc:
         raise ValueError(f"sweep file {path}: {exc}") from None
-    notebook = Path(notebook) if Path(notebook).is_absolute() else project_root() / notebook
     points: list[Point] = []
     run_dirs: dict[str, Path] = {}  # run name -> folder, of the points so far
     labels = [point.pop("name", None) for point in named]
@@ -259,20 +268,35 @@ def finished_differently(point: Point) -> list[str]:
 # the kernel's own log (e.g. "Kernel is running over TCP without encryption", about its loopback connection to
 # papermill) is noise to a user; errors still show
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
-REFUSALS = ("RunLocked", "FileExistsError", "ResumeConflict")  # the run was not accepted: nothing of it changed
+class RunRefused(Exception):
+    """The kit refused the run before it took the folder (bad input, a finished run without resume, a run in use
+    by another process, a resume that would change training): nothing of the run changed, its record neither."""
+
+    def __init__(self, ename: str, evalue: str) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename, self.evalue = ename, evalue
+
+
+def _status_bytes(run: RunDir) -> bytes | None:
+    try:
+        return run.status_file.read_bytes()
+    except OSError:  # no status yet, or no folder (execute's mkdir then says why)
+        return None
 
 
 def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bool = True) -> None:
     """Execute the experiment notebook for ``cfg`` through papermill, keeping the run's record safe: papermill
     writes into ``<run>/.attempts/`` and the executed notebook becomes ``experiment.ipynb`` only if the kit
-    accepted the run (a refusal, e.g. a finished run without resume/overwrite or a run in use by another
-    process, leaves the earlier record as it was and raises)."""
+    accepted the run, which it marks by writing ``status.json`` (state 'running') under the folder's lock. A
+    notebook that fails without that mark was refused: its attempt is deleted, the earlier record (or the absence
+    of a folder) stays as it was, and :class:`RunRefused` is raised."""
     import os
     import time
 
     import papermill
 
     run = RunDir(cfg.run_dir)
+    existed, status_before = run.path.exists(), _status_bytes(run)
     run.path.mkdir(parents=True, exist_ok=True)
     attempts = run.path / ".attempts"
     attempts.mkdir(parents=True, exist_ok=True)
@@ -281,8 +305,12 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
         papermill.execute_notebook(str(notebook), str(attempt), parameters=cfg.to_dict(), kernel_name=kernel,
                                    progress_bar=progress, cwd=str(project_root()), extra_arguments=QUIET_KERNEL)
     except papermill.PapermillExecutionError as exc:
-        if exc.ename in REFUSALS:
-            raise
+        if _status_bytes(run) == status_before:  # never accepted
+            attempt.unlink(missing_ok=True)
+            for folder in (attempts, run.path) if not existed else (attempts,):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise RunRefused(exc.ename, exc.evalue) from None
         os.replace(attempt, run.notebook)  # the run was accepted and failed in it: its record shows how
         raise
     os.replace(attempt, run.notebook)
@@ -342,7 +370,8 @@ def run_points(points: list[Point], kernel: str | None = None, progress: bool = 
                 elsewhere.append(point)
                 print(f"[sweep] {name} was taken by another process: left to it for now", flush=True)
                 return
-            outcome["failed"].append((name, str(point.output), f"{type(exc).__name__}: {str(exc)[-300:]}"))
+            record = "" if isinstance(exc, RunRefused) else str(point.output)  # a refusal wrote no record
+            outcome["failed"].append((name, record, f"{type(exc).__name__}: {str(exc)[-300:]}"))
 
     for point in points:
         attempt(point)
@@ -356,7 +385,7 @@ def run_points(points: list[Point], kernel: str | None = None, progress: bool = 
 def report(outcome: dict[str, list]) -> None:
     """Print each failure (with the failing notebook's path, where it ran) and the counts."""
     for name, notebook, error in outcome["failed"]:
-        where = f": see {notebook}" if Path(notebook).is_file() else " before its notebook ran:"
+        where = f": see {notebook}" if notebook and Path(notebook).is_file() else " before its run started:"
         print(f"[sweep] FAILED {name}{where}\n    {error}", flush=True)
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)

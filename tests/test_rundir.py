@@ -156,3 +156,17 @@ def test_one_rule_for_finished(tmp_path):
     assert folder.finished()
     folder.results_file.write_text("branch,attack,steps,accuracy,worst_accuracy,n\n-,clean,0,0.5")
     assert not folder.finished() and folder.state() == "damaged"
+
+
+def test_a_done_run_without_results_and_undecodable_metrics_read_as_damaged_not_as_a_crash(tmp_path):
+    folder = RunDir(tmp_path)
+    folder.write_status("done")  # results.csv lost (deleted, or never copied back)
+    assert folder.state() == "damaged" and not folder.finished()
+    with pytest.raises(rundir.DamagedFile, match=r"results.csv is damaged \(missing, though status.json says done\)"):
+        folder.results()
+    folder.write_status("running")
+    with pytest.raises(FileNotFoundError):  # not done: a missing table is simply not there yet
+        folder.results()
+    folder.metrics_file.write_bytes(b'{"epoch": 1}\n\xff\xfe{"epoch": 2}\n')
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl line 2 is damaged"):
+        assert folder.metrics() == [{"epoch": 1}]

@@ -191,6 +191,7 @@ def test_a_point_asking_more_gpus_than_devices_and_gpus_with_jobs_are_refused(tm
 STAND_IN = """import os, pathlib
 run = pathlib.Path(runs_root) / name
 run.mkdir(parents=True, exist_ok=True)
+(run / "status.json").write_text('{"state": "running"}')  # the kit's mark of an accepted run
 (run / "slot.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"] + " " + os.environ["OMP_NUM_THREADS"])
 if name == "broken":
     raise RuntimeError("broken on purpose")

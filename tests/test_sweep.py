@@ -41,6 +41,10 @@ points:
     ("base: {preset: test}\npoints:\n  - {name: a}\n  - {name: a}", r"share the run name"),
     ("base: {preset: tiny}", r"preset='tiny'"),
     ("base: {preset: test}\norder: seeds", r"order='seeds' is not accepted.*'points', 'grid'"),
+    ("base: {preset: test}\ngrid: {seed: [0, 1]}\npoints:\n  - {name: a, seed: 7}",
+     r"points\[0\] sets \['seed'\], which the grid sets too"),
+    ("runs_root: a\nbase: {preset: test, runs_root: b}", r"runs_root is given twice"),
+    ("notebook: nowhere.ipynb\nbase: {preset: test}", r"notebook='.*nowhere.ipynb' is not accepted: no such file"),
 ])
 def test_malformed_sweeps_are_reported_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -59,7 +63,7 @@ def test_sweep_runs_skips_finished_points_and_lists_failures(tmp_path, capsys):
     assert outcome["done"] == ["ok"] and [b[0] for b in outcome["failed"]] == ["broken"]
     assert "CIFAR-10" in outcome["failed"][0][2]
     out = capsys.readouterr().out
-    assert f"FAILED broken: see {runs / 'broken' / 'experiment.ipynb'}" in out
+    assert f"FAILED broken: see {runs / 'broken' / 'experiment.ipynb'}" in out  # accepted, then failed reading
     assert (runs / "ok" / "experiment.ipynb").exists() and (runs / "ok" / "results.csv").exists()
     assert results.run_status(runs / "broken") == "failed"
     assert list(results.kit_results(runs)["run"].unique()) == ["ok"]  # failed runs are not mixed in
@@ -224,7 +228,7 @@ def test_an_exception_in_one_points_setup_does_not_stop_the_sweep(tmp_path, caps
     outcome = sweep.run_sweep(f, progress=False)
     assert outcome["done"] == ["a", "c"] and [b[0] for b in outcome["failed"]] == ["b"]
     assert "FileExistsError" in outcome["failed"][0][2]
-    assert "[sweep] FAILED b before its notebook ran:" in capsys.readouterr().out
+    assert "[sweep] FAILED b before its run started:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name, message", [
@@ -283,6 +287,21 @@ def test_malformed_entries_give_one_line_messages_naming_the_entry(tmp_path, tex
         assert out == ""
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--jobs", "2", "--shard", "1/2"], r"--jobs and --shard are not accepted together"),
+    (["--jobs", "2", "--check"], r"--jobs is not accepted with --check or --plan"),
+    (["--jobs", "2", "--plan"], r"--jobs is not accepted with --check or --plan"),
+])
+def test_sweep_options_that_would_be_ignored_are_refused(tmp_path, capsys, options, message):
+    from advkit import cli
+
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(tmp_path / "runs"), "base": FAST}))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["sweep", str(f)] + options)
+    assert refused.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resolving_finetuning_sources_is_linear_in_the_number_of_points(tmp_path, monkeypatch):
     f = _write(tmp_path / "ft.yaml", f"""
 runs_root: {tmp_path / 'runs'}
@@ -335,6 +354,31 @@ def test_advkit_run_refused_again_keeps_the_runs_record(tmp_path, capfd):
     assert record.read_bytes() == before
     assert cli.main(args + ["-p", "epochs", "x"]) == 2  # refused before papermill starts
     assert record.read_bytes() == before
+    (tmp_path / "empty").mkdir()
+    missing_data = ["-p", "dataset", "cifar10", "-p", "data_root", str(tmp_path / "empty")]
+    assert cli.main(args + ["-p", "overwrite", "true"] + missing_data) == 1  # refused inside the notebook
+    assert "data_root=" in capfd.readouterr().err
+    assert record.read_bytes() == before and not (tmp_path / "rec" / ".attempts").exists()
+    fresh = [a if a != "rec" else "fresh" for a in args]
+    assert cli.main(fresh + missing_data) == 1
+    assert not (tmp_path / "fresh").exists()  # no folder made for a run that never started
+
+
+@pytest.mark.parametrize("file_text, option, message", [
+    (None, ["-f", "{tmp}/missing.yaml"], r"-f .*missing.yaml is not accepted: .*No such file"),
+    ("epochs: 1\nepochs: 2\n", ["-f", "{tmp}/p.yaml"], r"-f .*p.yaml is not accepted: key 'epochs' given twice"),
+    ("- 1\n- 2\n", ["-f", "{tmp}/p.yaml"], r"-f .*p.yaml is not accepted: it must hold a mapping .* not a list"),
+    (None, ["-p", "epochs", "[1"], r"-p epochs '\[1' is not accepted: not a YAML value"),
+])
+def test_advkit_run_refuses_unreadable_parameters_naming_the_option(tmp_path, capsys, file_text, option, message):
+    from advkit import cli
+
+    if file_text is not None:
+        (tmp_path / "p.yaml").write_text(file_text)
+    option = [o.replace("{tmp}", str(tmp_path)) for o in option]
+    assert cli.main(["run", "-p", "name", "x", "-p", "runs_root", str(tmp_path / "runs")] + option) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_two_sweeps_of_one_file_at_once_train_every_point_once(tmp_path):
