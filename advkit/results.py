@@ -11,11 +11,7 @@ their first ``n`` test images), ``steps`` (0: clean images), ``accuracy`` and ``
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ import pandas as pd
 
 from . import paper
 from .paths import project_root, resolve_output
-from .rundir import RunDir
+from .rundir import DamagedFile, RunDir
 
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
@@ -32,8 +28,6 @@ SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps"
 PAPER_PROTOCOL = ("clean", "pgd")  # the paper's attacks; AutoAttack's rows are 'apgd-ce', 'apgd-t', 'autoattack'
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
                   "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed", "n_train"]
-RESULT_COLUMNS = ["branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
-                  "worst_accuracy", "n", "seed"]  # results.csv as evaluate.curve_table writes it
 BNSTATS_COLUMNS = ["figure", "layer", "branch", "channel", "source", "statistic", "value"]
 
 
@@ -49,109 +43,38 @@ def paper_protocol(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[attack_column(frame).isin(PAPER_PROTOCOL)]
 
 
-class DamagedRunError(ValueError):
-    """A file of a run folder that cannot be read as the kit writes it (truncated, cut mid-row, a column
-    missing): the message names the file and its run."""
-
-
-def _damaged(path: Path, reason: str) -> DamagedRunError:
-    return DamagedRunError(f"run {path.parent.name}: damaged file {path}: {reason}")
-
-
-def read_json(path: Path, required: Sequence[str] = ()) -> dict:
-    """The JSON object in ``path`` (``status.json``, ``config.json``), with the ``required`` keys."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _damaged(Path(path), f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise _damaged(Path(path), f"holds {type(value).__name__}, not a JSON object")
-    missing = [key for key in required if key not in value]
-    if missing:
-        raise _damaged(Path(path), f"no {', '.join(map(repr, missing))}")
-    return value
-
-
-def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    """The CSV table in ``path`` (``results.csv``, ``bnstats.csv``) after checking that it was written whole: it
-    ends with a newline, has the ``columns`` and every row has as many fields as the header."""
-    path = Path(path)
-    text = path.read_text()
-    if not text:
-        raise _damaged(path, "empty")
-    if not text.endswith("\n"):
-        raise _damaged(path, "ends mid-row (no final newline): cut while being written")
-    rows = list(csv.reader(io.StringIO(text)))
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise _damaged(path, f"missing column(s) {missing}")
-    short = [i for i, row in enumerate(rows) if len(row) != len(rows[0])]
-    if short:  # (the kit's tables hold no quoted line breaks: row i is line i + 1)
-        raise _damaged(path, f"line {short[0] + 1} has {len(rows[short[0]])} fields, the header {len(rows[0])}")
-    return pd.read_csv(io.StringIO(text))
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl``, one JSON object a line."""
-    path = RunDir(run_dir).metrics_file
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _damaged(path, f"line {number} is not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise _damaged(path, f"line {number} is not a JSON object")
-        records.append(record)
-    return records
-
-
-def read_status(run_dir: Path) -> dict:
-    """``status.json`` of a run; ``{'state': 'unknown'}`` without one."""
-    path = RunDir(run_dir).status_file
-    if not path.exists():
-        return {"state": "unknown"}
-    status = read_json(path, ["state"])
-    if not isinstance(status["state"], str):
-        raise _damaged(path, f"state={status['state']!r} is not a string")
-    return status
+    """The per-epoch records of a finished run's ``metrics.jsonl``; DamagedFile naming the first bad line."""
+    return RunDir(run_dir).metrics(strict=True)
 
 
 def run_status(run_dir: Path) -> str:
     """'done', 'running' or 'failed' as the run wrote it; 'unknown' without a status file."""
-    return read_status(run_dir)["state"]
+    return RunDir(run_dir).status()["state"]
 
 
-def _run_dirs(root: str | Path) -> list[Path]:
-    return [folder.path for folder in RunDir.find(root)]
-
-
-def _read_finished(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
+def _read_finished(folder: RunDir) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
     """Config, results and BN statistics (None without them) of a run whose status is 'done'."""
-    folder = RunDir(run_dir)
-    config = read_json(folder.config_file, CONFIG_COLUMNS)
-    if not folder.results_file.exists():
-        raise _damaged(folder.results_file, f"missing, though {folder.status_file.name} says 'done'")
-    table = read_table(folder.results_file, RESULT_COLUMNS)
+    config = folder.config(CONFIG_COLUMNS)
     path = folder.bnstats_file
-    bnstats = read_table(path, BNSTATS_COLUMNS) if path.exists() and path.stat().st_size > 1 else None
-    return config, table, bnstats
+    bnstats = folder.read_table(path, BNSTATS_COLUMNS) if path.exists() and path.stat().st_size > 1 else None
+    return config, folder.results(), bnstats
 
 
 def scan_runs(root: str | Path) -> tuple[list[tuple[Path, dict, pd.DataFrame, pd.DataFrame | None]], pd.DataFrame]:
     """Every run folder under ``root``: the finished ones as (folder, config, results, bnstats) and a table of
     the others (folder, state, error): failed, running, or 'damaged' with the message naming the file."""
     finished, others = [], []
-    for run_dir in _run_dirs(root):
+    for folder in RunDir.find(root):
         try:
-            status = read_status(run_dir)
+            status = folder.status()
             if status["state"] == "done":
-                finished.append((run_dir, *_read_finished(run_dir)))
+                finished.append((folder.path, *_read_finished(folder)))
             else:
-                others.append({"run_dir": str(run_dir), "state": status["state"], "error": status.get("error")})
-        except (DamagedRunError, UnicodeDecodeError, OSError) as exc:
-            message = str(exc) if isinstance(exc, DamagedRunError) else f"run {run_dir.name}: {exc}"
-            others.append({"run_dir": str(run_dir), "state": "damaged", "error": message})
+                others.append({"run_dir": str(folder.path), "state": status["state"], "error": status.get("error")})
+        except (DamagedFile, OSError) as exc:
+            message = str(exc) if isinstance(exc, DamagedFile) else f"run {folder.name}: {exc}"
+            others.append({"run_dir": str(folder.path), "state": "damaged", "error": message})
     return finished, pd.DataFrame(others, columns=["run_dir", "state", "error"])
 
 

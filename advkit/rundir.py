@@ -17,6 +17,7 @@ folders without it); the checkpoint functions import it when called.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import hashlib
 import io
@@ -27,15 +28,18 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHECKPOINT_FORMAT = "advkit-checkpoint-1"
-RESULT_COLUMNS = ("branch", "attack", "steps", "accuracy", "worst_accuracy", "n")
+RESULT_COLUMNS = ("branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
+                  "worst_accuracy", "n", "seed")  # results.csv as run.run writes it (evaluate.curve_table)
+REQUIRED_VALUES = ("branch", "attack", "steps", "accuracy", "worst_accuracy", "n")  # empty in no row
 
 
+PROBE_RETRIES, PROBE_WAIT_S = 10, 0.05  # lock(wait=False) gives up after ~0.5 s, long past any probe
 _held: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
 
 
@@ -156,34 +160,62 @@ class RunDir:
 
     # ---------------------------------------------------------------- reading
     def _damaged(self, path: Path, reason: str) -> DamagedFile:
-        return DamagedFile(f"run {self.path}: {path.name} is damaged ({reason}); repair or delete that file, or "
-                           "resume/overwrite the run")
+        return DamagedFile(f"run {self.name}: damaged file {path}: {reason} (repair or delete that file, or "
+                           "resume/overwrite the run)")
 
-    def read_json(self, path: Path) -> dict[str, Any]:
-        """A JSON object from one of the run's files; DamagedFile naming the file and the run otherwise."""
+    def read_json(self, path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
+        """A JSON object from one of the run's files, with the ``required`` keys; DamagedFile naming the file and
+        the run otherwise."""
         try:
             value = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
-            raise self._damaged(Path(path), f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+            raise self._damaged(Path(path), f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise self._damaged(Path(path), "not valid JSON (not text)") from None
+        if not isinstance(value, dict):
+            raise self._damaged(Path(path), f"holds {type(value).__name__}, not a JSON object")
+        missing = [key for key in required if key not in value]
+        if missing:
+            raise self._damaged(Path(path), f"no {', '.join(map(repr, missing))}")
+        return value
+
+    def read_table(self, path: Path, columns: Sequence[str]):
+        """The CSV table in ``path`` (``results.csv``, ``bnstats.csv``) after checking that it was written whole:
+        text that ends with a newline, the ``columns`` present, every row as many fields as the header. (A cut
+        inside the last number would otherwise read as a different number.)"""
+        import pandas as pd
+
+        try:
+            text = Path(path).read_text()
         except UnicodeDecodeError:
             raise self._damaged(Path(path), "not text") from None
-        if not isinstance(value, dict):
-            raise self._damaged(Path(path), f"a JSON object was expected, found {type(value).__name__}")
-        return value
+        if not text:
+            raise self._damaged(Path(path), "empty")
+        if not text.endswith("\n"):
+            raise self._damaged(Path(path), "ends mid-row (no final newline): cut while being written")
+        rows = list(csv.reader(io.StringIO(text)))
+        missing = [c for c in columns if c not in rows[0]]
+        if missing:
+            raise self._damaged(Path(path), f"missing column(s) {missing}")
+        short = [i for i, row in enumerate(rows) if len(row) != len(rows[0])]
+        if short:  # (the kit's tables hold no quoted line breaks: row i is line i + 1)
+            raise self._damaged(Path(path), f"line {short[0] + 1} has {len(rows[short[0]])} fields, the header "
+                                            f"{len(rows[0])}")
+        return pd.read_csv(io.StringIO(text))
 
     def exists(self) -> bool:
         return self.config_file.exists()
 
-    def config(self) -> dict[str, Any]:
-        return self.read_json(self.config_file)
+    def config(self, required: Sequence[str] = ()) -> dict[str, Any]:
+        return self.read_json(self.config_file, required)
 
     def status(self) -> dict[str, Any]:
         """``{'state': ...}`` as the run wrote it; ``{'state': 'unknown'}`` without a status file."""
         if not self.status_file.exists():
             return {"state": "unknown"}
-        status = self.read_json(self.status_file)
-        if "state" not in status:
-            raise self._damaged(self.status_file, "no 'state' key")
+        status = self.read_json(self.status_file, ["state"])
+        if not isinstance(status["state"], str):
+            raise self._damaged(self.status_file, f"state={status['state']!r} is not a string")
         return status
 
     def state(self) -> str:
@@ -201,43 +233,46 @@ class RunDir:
         return self.state() == "done"
 
     def results(self):
-        """``results.csv`` as a DataFrame, checked: the result columns present, no row cut short."""
-        import pandas as pd
-
-        try:
-            table = pd.read_csv(self.results_file)
-        except FileNotFoundError:
-            if self.status_file.exists() and self.read_json(self.status_file).get("state") == "done":
-                raise self._damaged(self.results_file, "missing, though status.json says done") from None
-            raise
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise self._damaged(self.results_file, f"{type(exc).__name__}: {str(exc).strip()[:120]}") from None
-        missing = [c for c in RESULT_COLUMNS if c not in table.columns]
-        if missing:
-            raise self._damaged(self.results_file, f"columns {missing} missing")
-        if table.empty or table[list(RESULT_COLUMNS)].isna().any().any():
-            raise self._damaged(self.results_file, "empty, or a row cut short")
+        """``results.csv`` as a DataFrame, checked (:meth:`read_table`): written whole, the columns run.run
+        writes, at least one row, none without its attack, steps or accuracies."""
+        if not self.results_file.exists():
+            if self.status()["state"] == "done":
+                raise self._damaged(self.results_file, f"missing, though {self.status_file.name} says 'done'")
+            raise FileNotFoundError(f"run {self.name} has no {self.results_file.name} yet: {self.results_file}")
+        table = self.read_table(self.results_file, RESULT_COLUMNS)
+        if table.empty:
+            raise self._damaged(self.results_file, "a header without rows")
+        if table[list(REQUIRED_VALUES)].isna().any().any():
+            raise self._damaged(self.results_file, f"a row without a value in {list(REQUIRED_VALUES)}")
         return table
 
-    def metrics(self, repair: bool = False) -> list[dict[str, Any]]:
-        """The epochs of ``metrics.jsonl``. A damaged line (a kill mid-write) ends the readable part: it and any
-        later lines are dropped with a warning, and with ``repair`` the file is rewritten without them."""
+    def metrics(self, repair: bool = False, strict: bool = False) -> list[dict[str, Any]]:
+        """The epochs of ``metrics.jsonl`` (objects with an 'epoch'). A damaged line (a kill mid-write) ends the
+        readable part: it and any later lines are dropped with a warning, and with ``repair`` the file is
+        rewritten without them. ``strict`` (the analysis: a finished run's curve must be whole) raises
+        DamagedFile naming the line instead."""
         if not self.metrics_file.exists():
             return []
         records, lines = [], self.metrics_file.read_bytes().decode("utf-8", errors="replace").splitlines()
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict) or "epoch" not in record:
-                    raise ValueError("no epoch")
-            except ValueError:
-                warnings.warn(f"run {self.path}: {self.metrics_file.name} line {number} is damaged; it and the "
-                              f"{len(lines) - number} line(s) after it are "
-                              f"{'dropped from the file' if repair else 'ignored'}", RuntimeWarning, stacklevel=2)
-                if repair:
-                    self.write_metrics(records)
-                break
-            records.append(record)
+            except json.JSONDecodeError as exc:
+                problem = f"line {number} is not valid JSON ({exc.msg})"
+            else:
+                problem = None if isinstance(record, dict) and "epoch" in record else \
+                    f"line {number} is not a JSON object with an 'epoch'"
+            if problem is None:
+                records.append(record)
+                continue
+            if strict:
+                raise self._damaged(self.metrics_file, problem)
+            warnings.warn(f"run {self.name}: damaged file {self.metrics_file}: {problem}; it and the "
+                          f"{len(lines) - number} line(s) after it are {'dropped from the file' if repair else 'ignored'}",
+                          RuntimeWarning, stacklevel=2)
+            if repair:
+                self.write_metrics(records)
+            break
         return records
 
     # ---------------------------------------------------------------- writing
@@ -290,12 +325,16 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise RunLocked(f"run {self.path} is in use by {holder}; wait for it to finish (nothing was "
-                                "changed)") from None
+            for attempt in range(PROBE_RETRIES + 1):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:  # a locked_by_other() probe holds it for microseconds, a run for its life
+                    if attempt == PROBE_RETRIES:
+                        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                        raise RunLocked(f"run {self.path} is in use by {holder}; wait for it to finish (nothing "
+                                        "was changed)") from None
+                    time.sleep(PROBE_WAIT_S)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
                           f"({' '.join(sys.argv)[:200]})".encode(), 0)
@@ -308,12 +347,13 @@ class RunDir:
             os.close(fd)  # releases the lock
 
     def locked_by_other(self) -> str | None:
-        """The holder's description if another live process holds the lock, else None (takes nothing)."""
+        """The holder's description if another live process holds the lock, else None. The probe takes a shared
+        lock for an instant (probes never exclude each other; :meth:`lock` retries past one)."""
         if not self.lock_file.exists() or _held.get(self.lock_file.resolve()):
             return None
-        fd = os.open(self.lock_file, os.O_RDWR)
+        fd = os.open(self.lock_file, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         finally:
@@ -394,8 +434,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not (isinstance(wrapper, dict) and wrapper.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointError(f"checkpoint {path} is not an advkit checkpoint: it has no {CHECKPOINT_FORMAT!r} "
                               "checksum wrapper (advkit.rundir.RunDir.save_checkpoint writes one)")
-    payload = wrapper["payload"].numpy().tobytes()
-    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+    payload, digest = wrapper.get("payload"), wrapper.get("sha256")
+    if not (hasattr(payload, "numpy") and isinstance(digest, str)):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its {CHECKPOINT_FORMAT!r} wrapper lacks the payload "
+                              "tensor or its SHA-256")
+    payload = payload.numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(f"checkpoint {path} is corrupt: the SHA-256 of its contents differs from the one "
                               "recorded when it was written")
     return _load_plain(io.BytesIO(payload), path)

@@ -24,8 +24,8 @@ from scipy import stats
 from . import paper
 from .paths import project_root
 from .plots import VERDICT_COLORS, save
-from .rundir import RunDir
-from .results import DamagedRunError, attack_column, load_bnstats, load_runs, read_metrics
+from .rundir import DamagedFile, RunDir
+from .results import attack_column, load_bnstats, load_runs, read_metrics
 
 TABLES_DIR = project_root() / "data" / "results" / "decisive"  # the decisive study (issue 15)
 RUNS_ROOT = "runs/decisive"
@@ -91,7 +91,7 @@ def export(runs_root: str | Path = RUNS_ROOT, out_dir: str | Path = TABLES_DIR) 
     for run_dir in sorted({Path(d) for d in loaded["run_dir"]}):
         try:
             records = read_metrics(run_dir) if RunDir(run_dir).metrics_file.exists() else []
-        except DamagedRunError as exc:  # its results are sound; only its training curve is left out
+        except DamagedFile as exc:  # its results are sound; only its training curve is left out
             warnings.warn(f"training.csv leaves out {exc}", stacklevel=2)
             continue
         rows += [{"sweep": run_dir.parent.name, "run": run_dir.name} | record for record in records]

@@ -385,7 +385,7 @@ def run_points(points: list[Point], kernel: str | None = None, progress: bool = 
 def report(outcome: dict[str, list]) -> None:
     """Print each failure (with the failing notebook's path, where it ran) and the counts."""
     for name, notebook, error in outcome["failed"]:
-        where = f": see {notebook}" if notebook and Path(notebook).is_file() else " before its run started:"
+        where = f": see {notebook}" if Path(notebook).is_file() else " before its run started:"
         print(f"[sweep] FAILED {name}{where}\n    {error}", flush=True)
     print(f"[sweep] {len(outcome['done'])} done, {len(outcome['skipped'])} skipped, "
           f"{len(outcome['failed'])} failed", flush=True)

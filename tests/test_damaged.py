@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from advkit import cli, config, results, run, study, train
+from advkit import cli, config, results, rundir, run, study, train
 
 TINY = dict(epochs=1, n_train=128, n_test=64, train_steps=1, eval_checkpoints=[1, 2], sanity_n=0, bnstats_channels=4)
 
@@ -48,6 +48,12 @@ def _drop_accuracy(text):
     return frame.drop(columns="accuracy").to_csv(index=False)
 
 
+def _blank_accuracy(text):
+    frame = pd.read_csv(io.StringIO(text))
+    frame.loc[1, "accuracy"] = None
+    return frame.to_csv(index=False)
+
+
 DAMAGES = {  # file, how it is damaged, what the message says
     "status-truncated": ("status.json", lambda t: t[: len(t) // 2], "not valid JSON"),
     "status-empty": ("status.json", lambda t: "", "not valid JSON"),
@@ -58,6 +64,8 @@ DAMAGES = {  # file, how it is damaged, what the message says
     "results-cut-in-header": ("results.csv", lambda t: t[:10], "ends mid-row"),
     "results-short-row": ("results.csv", _short_row, r"line 2 has 3 fields, the header \d+"),
     "results-missing-column": ("results.csv", _drop_accuracy, r"missing column\(s\) \['accuracy'\]"),
+    "results-header-only": ("results.csv", lambda t: t.splitlines(keepends=True)[0], "a header without rows"),
+    "results-no-accuracy": ("results.csv", lambda t: _blank_accuracy(t), "a row without a value"),
     "bnstats-truncated": ("bnstats.csv", lambda t: t[: len(t) // 2], "ends mid-row"),
 }
 
@@ -76,6 +84,8 @@ def test_a_damaged_run_is_named_listed_and_left_out_while_the_others_are_read(fi
         assert set(results.load_runs(root)["name"]) == {"good"}
     listed = results.unfinished_runs(root).set_index("run_dir")
     assert listed.loc[str(bad), "state"] == "damaged" and re.search(named, listed.loc[str(bad), "error"])
+    if file in ("status.json", "results.csv"):  # the run folder's own rule for finished agrees
+        assert rundir.RunDir(bad).state() == "damaged" and not rundir.RunDir(bad).finished()
     with pytest.warns(UserWarning, match=named):
         frame = results.analysis_frame(root)
     assert set(frame.loc[frame["source"] == "kit", "run"]) == {"good"}
@@ -93,7 +103,7 @@ def test_a_damaged_run_is_named_listed_and_left_out_while_the_others_are_read(fi
 def test_reading_the_status_of_a_damaged_run_names_the_file(finished_run, tmp_path):
     bad = _copy_run(finished_run, tmp_path / "bad")
     _cut(bad / "status.json", lambda t: t[:5])
-    with pytest.raises(results.DamagedRunError, match=rf"damaged file {re.escape(str(bad / 'status.json'))}"):
+    with pytest.raises(rundir.DamagedFile, match=rf"damaged file {re.escape(str(bad / 'status.json'))}"):
         results.run_status(bad)
 
 

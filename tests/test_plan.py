@@ -18,7 +18,7 @@ def _finished_run(folder, epoch_seconds, evaluation_seconds, threads=1):
     run.write_metrics([{"epoch": i + 1, "seconds": s, "processes": 1} for i, s in enumerate(epoch_seconds)])
     run.checkpoints.mkdir()
     run.last_checkpoint.write_bytes(b"weights")
-    run.results_file.write_text("branch,attack,steps,accuracy,worst_accuracy,n\n-,clean,0,0.9,0.9,10\n")
+    run.results_file.write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\n-,clean,True,8,1,fixed,1,0,0.9,0.9,10,0\n")
     run.write_status("done")
     os.utime(run.last_checkpoint, (1000.0, 1000.0))
     os.utime(run.results_file, (1000.0 + evaluation_seconds, 1000.0 + evaluation_seconds))

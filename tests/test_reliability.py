@@ -140,6 +140,21 @@ def test_a_flipped_byte_in_the_weights_is_caught_by_the_checksum(tmp_path):
         rundir.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("drop", ["payload", "sha256"])
+def test_a_checksum_wrapper_without_its_payload_or_checksum_is_a_checkpoint_error(tmp_path, drop):
+    """Not a KeyError: resume falls back to prev.pt only on a CheckpointError."""
+    folder = rundir.RunDir(tmp_path)
+    folder.save_checkpoint({"w": torch.ones(3)})
+    folder.save_checkpoint({"w": torch.zeros(3)})
+    wrapper = torch.load(folder.last_checkpoint, weights_only=True)
+    del wrapper[drop]
+    torch.save(wrapper, folder.last_checkpoint)
+    with pytest.raises(rundir.CheckpointError, match=r"is corrupt: its .* wrapper lacks the payload tensor or its"):
+        rundir.load_checkpoint(folder.last_checkpoint)
+    with pytest.warns(RuntimeWarning, match="resuming from the previous checkpoint"):
+        assert folder.load_resume_checkpoint()["w"].sum() == 3
+
+
 def test_resume_falls_back_to_the_previous_checkpoint_and_ends_bitwise_equal(tmp_path, monkeypatch):
     kw = dict(runs_root=str(tmp_path), checkpoint_every_steps=3, **SMALL)
     straight = run.train_run(make_config("test", name="straight", **kw), show_progress=False)

@@ -1,8 +1,11 @@
 """Issue 18: a run folder that the user's own workflow cannot corrupt (each test failed on the code before)."""
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pandas as pd
@@ -86,7 +89,7 @@ def test_a_damaged_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path):
                   show_progress=False)
     folder = RunDir(cfg.run_dir)
     folder.metrics_file.write_text(folder.metrics_file.read_text() + '{"epoch": 2, "lo')  # a kill mid-line
-    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl line 2 is damaged"):
+    with pytest.warns(RuntimeWarning, match=r"damaged file \S*metrics.jsonl: line 2 is not"):
         run.train_run(make_config("test", **TINY | dict(runs_root=str(tmp_path), epochs=2, lr_decay_epochs=[],
                                                          resume=True)), show_progress=False)
     assert [m["epoch"] for m in folder.metrics()] == [1, 2]
@@ -110,6 +113,19 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     with folder.lock():  # a crashed holder never locks anyone out
         with folder.lock():  # re-entrant in one process (run() holds it around train())
             assert folder.locked_by_other() is None
+
+
+def test_a_probe_of_the_lock_never_refuses_a_run_in_the_name_of_a_holder_long_gone(tmp_path):
+    """locked_by_other() takes the lock for an instant; a run starting in that instant waits it out instead of
+    being refused with the name of the last, finished holder."""
+    folder = RunDir(tmp_path / "r")
+    with folder.lock():
+        pass  # the lock file now names this finished holder
+    probe = os.open(folder.lock_file, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe (another process's locked_by_other) in progress
+    threading.Timer(0.1, os.close, [probe]).start()
+    with folder.lock():
+        assert folder.locked_by_other() is None
 
 
 def test_a_run_in_use_is_refused_before_anything_is_changed(tmp_path):
@@ -149,24 +165,30 @@ def test_the_small_files_are_written_atomically(tmp_path, monkeypatch):
 def test_one_rule_for_finished(tmp_path):
     """Item 13: a results.csv alone does not make a run finished; status 'done' and readable results do."""
     folder = RunDir(tmp_path)
-    folder.write_table(folder.results_file, pd.DataFrame(
-        [dict(branch="-", attack="clean", steps=0, accuracy=0.5, worst_accuracy=0.5, n=2)]))
+    row = dict(branch="-", attack="clean", targeted=True, eps=8.0, step=1.0, step_rule="fixed", restarts=1, steps=0,
+               accuracy=0.5, worst_accuracy=0.5, n=2, seed=0)
+    folder.write_table(folder.results_file, pd.DataFrame([row]))
     assert not folder.finished()
     folder.write_status("done")
     assert folder.finished()
-    folder.results_file.write_text("branch,attack,steps,accuracy,worst_accuracy,n\n-,clean,0,0.5")
-    assert not folder.finished() and folder.state() == "damaged"
+    whole = folder.results_file.read_text()
+    for damaged in (whole[:-4] + "\n",  # a row cut short
+                    whole[:-2],  # cut inside the last number: it would read as another number
+                    whole.splitlines(keepends=True)[0],  # a header without rows
+                    whole.replace(",seed", ",sead")):  # a column missing
+        folder.results_file.write_text(damaged)
+        assert not folder.finished() and folder.state() == "damaged", damaged
 
 
 def test_a_done_run_without_results_and_undecodable_metrics_read_as_damaged_not_as_a_crash(tmp_path):
     folder = RunDir(tmp_path)
     folder.write_status("done")  # results.csv lost (deleted, or never copied back)
     assert folder.state() == "damaged" and not folder.finished()
-    with pytest.raises(rundir.DamagedFile, match=r"results.csv is damaged \(missing, though status.json says done\)"):
+    with pytest.raises(rundir.DamagedFile, match=r"damaged file \S*results.csv: missing, though status.json says 'done'"):
         folder.results()
     folder.write_status("running")
     with pytest.raises(FileNotFoundError):  # not done: a missing table is simply not there yet
         folder.results()
     folder.metrics_file.write_bytes(b'{"epoch": 1}\n\xff\xfe{"epoch": 2}\n')
-    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl line 2 is damaged"):
+    with pytest.warns(RuntimeWarning, match=r"damaged file \S*metrics.jsonl: line 2 is not"):
         assert folder.metrics() == [{"epoch": 1}]

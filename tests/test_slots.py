@@ -195,7 +195,7 @@ run.mkdir(parents=True, exist_ok=True)
 (run / "slot.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"] + " " + os.environ["OMP_NUM_THREADS"])
 if name == "broken":
     raise RuntimeError("broken on purpose")
-(run / "results.csv").write_text("branch,attack,steps,accuracy,worst_accuracy,n\\n-,clean,0,0.5,0.5,2\\n")
+(run / "results.csv").write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\\n-,clean,True,8,1,fixed,1,0,0.5,0.5,2,0\\n")
 (run / "status.json").write_text('{"state": "done"}')
 """
 

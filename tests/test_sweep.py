@@ -191,7 +191,7 @@ run = pathlib.Path(runs_root) / name
 if name == "die":  # the shard process that executes this notebook is killed, as by the OOM killer
     os.kill(os.getppid(), signal.SIGKILL)
     os._exit(0)
-(run / "results.csv").write_text("branch,attack,steps,accuracy,worst_accuracy,n\\n-,clean,0,0.5,0.5,2\\n")
+(run / "results.csv").write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\\n-,clean,True,8,1,fixed,1,0,0.5,0.5,2,0\\n")
 (run / "status.json").write_text('{"state": "done"}')
 """
 
