@@ -217,7 +217,7 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     zero-wide interval would be an artefact of the steps, not a decision)."""
     values = np.asarray(values, dtype=float)
     mean = float(values.mean()) if len(values) else math.nan
-    if len(values) < 2 or np.ptp(values) == 0:
+    if len(values) < 2 or np.ptp(values) < 1e-9:  # equal up to the CSV's float rounding
         return mean, math.nan, math.nan
     half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
     return mean, mean - half, mean + half
@@ -318,7 +318,7 @@ def _row(claim: str, measured: str, effect: pd.Series, paper: tuple[float, str],
     sequential = ("" if near or rule not in ("holds", "reversed") or math.isnan(seq_low) else
                   f"excludes zero at {level} too" if seq_low > 0 or seq_high < 0 else f"not at {level}")
     return dict(claim=claim, threat_model=threat_model, measured=measured, kit=text, paper=paper[1], verdict=rule,
-                decided=rule not in ("not run yet", "undecided"),
+                decided=rule not in ("not run yet", "undecided") and len(effect) >= LOOKS[0],  # rule from 5
                 paper_size=paper_size(low, high, paper[0]), mean=mean, low=low,
                 high=high, seeds=len(effect), direction=direction, near=near, paper_effect=paper[0],
                 sequential=sequential, preliminary=0 < len(effect) < LOOKS[0] and rule != "undecided")

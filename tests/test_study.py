@@ -22,6 +22,10 @@ def test_t_interval_matches_the_textbook_formula():
 def test_seeds_that_all_give_the_same_difference_decide_nothing():
     """Accuracies on the fixed set move in 0.05-point steps: two seeds at -3.0 give sd 0, not a decided claim."""
     assert study.t_interval([-3.0, -3.0])[0] == -3.0 and math.isnan(study.t_interval([-3.0, -3.0])[1])
+    assert math.isnan(study.t_interval([89.55 - 80.95, 61.0 - 52.4])[1])  # equal differences, read back from a CSV
+    varied = pd.Series([5.0, 5.5, 6.0, 6.5])
+    assert not study._row("C1", "x", varied, (18.3, "18.3"))["decided"]  # 4 seeds: preliminary, not decided
+    assert study._row("C1", "x", pd.concat([varied, pd.Series([6.0])]), (18.3, "18.3"))["decided"]
     row = study._row("C3b", "x", pd.Series([-3.0, -3.0]), (-0.2, "-0.2"), near=True)
     assert row["verdict"] == "undecided" and row["kit"] == "-3.0 (n=2, every seed the same: no interval)"
     assert row["paper_size"] == ""
@@ -72,7 +76,7 @@ def test_claims_are_paired_differences_over_seeds():
     table = study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
     mean, low, high = study.t_interval([5.0, 5.5, 5.0])
     assert table.loc["C1", "mean"] == pytest.approx(mean) and table.loc["C1", "low"] == pytest.approx(low)
-    assert table.loc["C1", "verdict"] == "holds" and table.loc["C1", "decided"]
+    assert table.loc["C1", "verdict"] == "holds" and not table.loc["C1", "decided"]  # 3 seeds: the rule applies from 5
     assert table.loc["C3", "verdict"] == "no effect larger than 2 points"  # GN equals BN within 0.1 point
     assert table.loc["C4", "verdict"] == "not run yet" and table.loc["C4", "seeds"] == 0
 
