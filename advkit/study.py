@@ -290,7 +290,13 @@ def accuracy(runs: pd.DataFrame, setting: str, *, branch: str = "-", steps: int 
     if rows.empty:
         return pd.Series(dtype=float)
     steps = rows["steps"].max() if steps is None else steps
-    return rows[rows["steps"] == steps].groupby("seed")["accuracy"].mean()
+    rows = rows[rows["steps"] == steps]
+    twice = rows[rows.duplicated("seed", keep=False)]
+    if len(twice):  # two sweeps ran one setting on one seed: averaging them would hide which one a claim uses
+        raise ValueError(f"setting {setting!r} (branch {branch!r}, arch {arch or 'any'}) has more than one run for "
+                         f"seed(s) {sorted(set(twice['seed']))}: {sorted(set(twice['sweep'] + '/' + twice['run']))}; "
+                         "a seed must run each setting once (give the other sweep's points their own names)")
+    return rows.set_index("seed")["accuracy"].sort_index()
 
 
 def attack_of(runs: pd.DataFrame) -> pd.Series:
@@ -392,7 +398,7 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
         row("C7b", f"{strongest}: clean-trained filters with BN finetuned adversarially minus adversarial training",
             paired(acc("ft-adv"), acc("adv-clean0")), fx["C7b"], direction=-1),
         row("C7c", f"{strongest}: clean-trained filters with BN finetuned adversarially minus standard training "
-                   "(near: the paper finds no robustness gained)",
+                   f"(near: the paper finds no robustness gained){'' if attack == 'pgd' else _retrained_text(runs)}",
             # main.yaml's standard runs skip AutoAttack: standard-autoattack.yaml's (CPU) or gpu-main.yaml's give it
             paired(acc("ft-adv"), acc("standard") if attack == "pgd" else
                    acc("standard-aa").combine_first(acc("standard"))), fx["C7c"], near=True),
@@ -405,6 +411,27 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
     ]
     table = pd.DataFrame(rows)
     return table.assign(paper_pgd5=table["claim"].map(paper_effects_at_kit_attack()))
+
+
+def retrained_seeds_that_differ(runs: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """(seeds checked, seeds whose weights differ) between standard-autoattack.yaml's ``standard-aa`` runs and
+    main.yaml's ``standard`` runs: the former trains the latter's point again only to evaluate it with AutoAttack,
+    so C7c under AutoAttack is paired with the model ft-adv was finetuned from only where the digests agree."""
+    if runs.empty or "weights" not in runs:
+        return [], []
+    digests = lambda setting: (runs[(runs["setting"] == setting) & (runs["arch"] == "small_resnet8")]
+                               .dropna(subset=["weights"]).groupby("seed")["weights"].agg(set))
+    retrained, original = digests("standard-aa"), digests("standard")
+    both = sorted(retrained.index.intersection(original.index))
+    return [int(s) for s in both], [int(s) for s in both if retrained[s] != original[s]]
+
+
+def _retrained_text(runs: pd.DataFrame) -> str:
+    checked, differ = retrained_seeds_that_differ(runs)
+    if differ:
+        return (f"; standard-aa's weights differ from standard's for seeds {differ}: those seeds compare with a "
+                "model trained again, not the one ft-adv was finetuned from")
+    return f"; standard-aa's weights equal standard's (checked for {len(checked)} seeds)" if checked else ""
 
 
 def _scale_rows(acc: Callable[..., pd.Series], row: Callable[..., dict], strongest: str) -> list[dict]:
@@ -542,13 +569,14 @@ def plot_eps_sweep(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.
 
 def plot_curves(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Robustness curves of the main strategies: mean over seeds with 95% t-intervals (C1, C2, C3, C5)."""
-    rows = runs[(runs["sweep"] == "main") & (runs["steps"] > 0)]
+    rows = runs[runs["sweep"] == "main"] if not runs.empty else runs
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for setting, branch, label in CURVE_SETTINGS:
-        curve = rows[(rows["setting"] == setting) & (rows["branch"] == branch)]
+        curve = rows[(rows["setting"] == setting) & (rows["branch"] == branch) & (attack_of(rows) == "pgd")]
         if curve.empty:
             continue
-        points = [(steps, *t_interval(g.groupby("seed")["accuracy"].mean())) for steps, g in curve.groupby("steps")]
+        points = [(steps, *t_interval(accuracy(rows, setting, branch=branch, steps=steps, arch="small_resnet8")))
+                  for steps in sorted(curve["steps"].unique())]
         steps, mean, low, high = (np.array(v) for v in zip(*points))
         line, = ax.plot(steps, mean, "o-", label=f"{label} (n={curve['seed'].nunique()})", markersize=3)
         if not np.isnan(low).all():
@@ -843,7 +871,8 @@ def _readme_row(claim: str, title: str, by: dict, dependent: set) -> str | None:
 
 README_HEADER = ["| claim | the paper finds | kit, targeted PGD | kit, AutoAttack | paper (PGD-5 training) | "
                  "verdict (PGD; AutoAttack) |", "| --- | --- | --- | --- | --- | --- |"]
-README_UNITS = ("Effects in accuracy points (C9a: mean log2 variance ratio x 100; C9b: % of the running variance), "
+README_UNITS = ("Effects in accuracy points (C9a: mean log2 variance ratio x 100; C9b: % of the running variance; "
+                "the rule's +-2 margin is read in each row's own units), "
                 "paired per seed, mean [95% t interval] (n seeds); the paper's effects are its ImageNet numbers "
                 "(robustness under PGD-2000) from `data/paper`, trained with PGD-30 (step 1), the verdicts' reference; "
                 "in parentheses where the paper also trains with PGD-5 (step 4): the kit's training attack, the "
