@@ -176,6 +176,15 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     return out
 
 
+def seed_worker_crops(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: its copy of the data set draws its own crops, seeded from the worker's
+    seed (the loader's generator, which the trainer reseeds per epoch and rank, plus the worker's id); without it
+    every worker starts from the same forked generator and W consecutive batches repeat the same crops."""
+    info = torch.utils.data.get_worker_info()
+    if hasattr(info.dataset, "generator"):
+        info.dataset.generator.manual_seed(info.seed)
+
+
 class TensorImages(Dataset):
     """uint8 images and labels in memory, indexed by a whole list of indices at once (one gather per batch)."""
 
@@ -407,7 +416,7 @@ def make_loader(
     sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker_crops)
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device | str,

@@ -36,9 +36,13 @@ class Context:
 
 
 def init_from_env() -> Context:
-    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+    """Join the process group torchrun describes in the environment (no-op for a single process). On CUDA each
+    process first makes its own GPU (``LOCAL_RANK``) the current device: NCCL's object collectives
+    (``all_gather_object``) place their tensors on the current device, which is otherwise GPU 0 for every rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return context()
 

@@ -84,10 +84,13 @@ def training_loss(
         stats.update(n_clean=len(labels), correct_clean=(logits.argmax(1) == labels).sum().item(), n_adv=0)
         return loss, stats
 
+    sync = (lambda: torch.cuda.synchronize(images.device)) if images.is_cuda else (lambda: None)
+    sync()  # CUDA runs asynchronously: without it the clock would time the kernels' launch, not their work
     t0 = time.perf_counter()
     with norm.use_branch(model, "adv") if norm.has_mixture_bn(model) else contextlib.nullcontext(), autocast_ctx:
         adversarial = attacks.pgd(model, images, labels, cfg.training_attack,
                                   num_classes=data.DATASETS[cfg.dataset].num_classes, generator=generator)
+    sync()
     stats["attack_seconds"] = time.perf_counter() - t0
     n_keep = round(cfg.clean_ratio * len(labels))
     keep = torch.randperm(len(labels), generator=generator, device=generator.device)[:n_keep].to(labels.device)

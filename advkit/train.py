@@ -73,7 +73,9 @@ def learning_rate(cfg: Config, epoch: float) -> float:
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (or RMSProp) with weight decay on conv and linear weights only (not on BN/GN or biases)."""
+    """SGD (or RMSProp) with weight decay on conv and linear weights only (not on BN/GN or biases). RMSProp is
+    torch's, which adds eps outside the square root (TensorFlow's, ALP's recipe, adds it inside): with eps=1 the
+    steps differ once the squared-gradient average is not small."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim > 1]
     no_decay = [p for n, p in trainable if p.ndim <= 1]
@@ -148,10 +150,11 @@ def _set_epoch(loader: torch.utils.data.DataLoader | data.DecodingLoader, epoch:
     sampler = loader.sampler.sampler if isinstance(loader.sampler, torch.utils.data.BatchSampler) else loader.sampler
     sampler.set_epoch(epoch)
     inner = loader.loader if isinstance(loader, data.DecodingLoader) else loader
-    inner.generator.manual_seed((seed * 100_003 + epoch) * 1_009 + rank)
+    epoch_seed = (seed * 100_003 + epoch) * 1_009 + rank
+    inner.generator.manual_seed(epoch_seed)
     augmenter = loader if isinstance(loader, data.DecodingLoader) else loader.dataset  # who draws the crops
-    if hasattr(augmenter, "generator"):
-        augmenter.generator.manual_seed(seed * 100_003 + epoch)
+    if hasattr(augmenter, "generator"):  # each rank its own crops (workers reseed theirs: data.seed_worker_crops)
+        augmenter.generator.manual_seed(2 * epoch_seed + 1)
 
 
 # ---------------------------------------------------------------- the loop

@@ -292,3 +292,25 @@ def test_an_epochs_worker_augmentations_do_not_depend_on_the_epochs_before_it(tm
     assert all(torch.equal(a, b) for a, b in zip(batches, again)) and len(again) == 2
     train._set_epoch(resumed, 1, seed=3, rank=0)
     assert not all(torch.equal(a, b) for a, b in zip(batches, [images for images, _ in resumed]))  # epochs differ
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_loader_workers_draw_their_own_crops(monkeypatch, workers):
+    """CIFAR-10's crops: every image is the same ramp, so two batches are equal only where their crop and flip
+    draws are. Before, the augmenter was reseeded without the rank (rank 1 repeated rank 0's draws) and loader
+    workers forked one generator (consecutive batches repeated each other's)."""
+    from advkit import train
+
+    ramp = (torch.arange(32, dtype=torch.uint8) * 8).repeat(3, 32, 1)
+    monkeypatch.setattr(data, "load_tensors", lambda *args, **kwargs: (ramp.repeat(64, 1, 1, 1),
+                                                                        torch.zeros(64, dtype=torch.long)))
+
+    def batches(rank):
+        loader = data.make_loader("cifar10", "train", 8, world_size=2, rank=rank, num_workers=workers, seed=3)
+        train._set_epoch(loader, 1, seed=3, rank=rank)
+        return [images for images, _ in loader]
+
+    rank0, rank1 = batches(0), batches(1)
+    assert len(rank0) == 4 and not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert len({b.numpy().tobytes() for b in rank0}) == 4  # no batch repeats another's crops
+    assert all(torch.equal(a, b) for a, b in zip(rank0, batches(0)))  # and a rank's epoch is reproducible

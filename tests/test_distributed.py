@@ -203,3 +203,17 @@ def test_resume_takes_each_rank_its_own_buffers_and_warns_on_an_older_checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert train._resumed_state(older, model, distributed.Context()) is state  # one process: nothing lost
+
+
+def test_each_cuda_process_makes_its_own_gpu_current_before_joining_the_group(monkeypatch):
+    """NCCL's all_gather_object (the checkpoint's RNG states) puts its tensors on the current CUDA device: without
+    set_device every rank used GPU 0. Shown without a GPU by recording the calls torchrun's environment causes."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    distributed.init_from_env()
+    assert calls == [("set_device", 1), ("init", "nccl")]
