@@ -92,7 +92,7 @@ class Config:
     eval_step_rule: str = "fixed"  # fixed | max_eps_over_steps (the original pipeline's max(step, eps / N))
     eval_batch_size: int = 256
     eval_bf16: bool = False  # evaluate under bf16 autocast (CUDA); default fp32, recorded in results.csv
-    eval_autoattack_n: int = 0  # first N test images also under AutoAttack (APGD-CE + APGD-T, 100 iterations; 0: off)
+    eval_autoattack_n: int = 0  # N evaluation images (a seeded sample) also under AutoAttack (APGD-CE + APGD-T, 100 iterations; 0: off)
     eval_seed: int | None = None  # seeds the test subset and the attacks' draws; None: seed. Fixed: seeds vary training only
     sanity_n: int = 256  # test images for the sanity checks (0: skip them)
     bnstats_channels: int = 20  # channels sampled for Figures 5 and 6 (0: skip BN statistics)
@@ -357,7 +357,7 @@ def _check_values(cfg: Config) -> None:
                          "iteration counts, e.g. [10, 20, 50, 100, 200, 500, 1000, 2000]")
     if cfg.eval_autoattack_n and cfg.n_test is not None and cfg.eval_autoattack_n > cfg.n_test:
         raise ValueError(f"eval_autoattack_n={cfg.eval_autoattack_n} is not accepted with n_test={cfg.n_test}: "
-                         "AutoAttack runs on the first images of the evaluation set; give 0 (off) up to n_test")
+                         "AutoAttack runs on a sample of the evaluation set; give 0 (off) up to n_test")
     if cfg.eval_autoattack_n:
         autoattack.require_torchattacks()  # an ImportError saying how to install it, before any compute
     check_choice("resume", cfg.resume, [False, True, "auto"])

@@ -204,6 +204,22 @@ def load_saved_batch(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+# Saved evaluation batches are reused only under the same spec: bump this when a change to the evaluation code
+# changes its results (2: AutoAttack's and the sanity checks' images became a seeded sample of the evaluation set,
+# no longer its first images, which on a class-ordered test set such as ImageNet's are a few classes).
+EVALUATION_VERSION = 2
+
+
+def subset_loader(cfg, n: int, batch_size: int) -> torch.utils.data.DataLoader:
+    """``n`` images of the run's evaluation set (``n_test`` images, or the whole test split) drawn by its seed: the
+    first ``n`` of the seeded permutation whose first ``n_test`` are the evaluation set, so the subset lies inside
+    it and, unlike the evaluation set's first ``n`` images (kept in file order), does not follow the file's
+    class order."""
+    n = n if cfg.n_test is None else min(n, cfg.n_test)
+    return data.make_loader(cfg.dataset, "test", batch_size, n=n, seed=cfg.evaluation_seed, root=cfg.data_root,
+                            num_workers=cfg.num_workers)
+
+
 def _spec_dir(root: Path, spec: dict, write: bool = True) -> Path:
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     folder = root / f"{spec['branch']}-{digest}"
@@ -233,7 +249,7 @@ def evaluate_model(model: nn.Module, cfg, show_progress: bool = True) -> pd.Data
         spec = dict(branch=branch, targeted=cfg.eval_targeted, eps=cfg.eval_eps, step=cfg.eval_step,
                     restarts=cfg.eval_restarts, step_rule=cfg.eval_step_rule, seed=cfg.evaluation_seed, n=cfg.n_test,
                     checkpoints=list(cfg.eval_checkpoints), dataset=cfg.dataset, batch_size=cfg.eval_batch_size,
-                    weights=weights, precision=precision)
+                    weights=weights, precision=precision, device=device.type, version=EVALUATION_VERSION)
         folder = _spec_dir(cfg.run_dir / "eval", spec, write=distributed.context().main)
         with norm.through_branch(model, branch):
             curve = robustness_curve(
@@ -338,9 +354,10 @@ def sanity_checks(
 
 
 def sanity_for_run(model: nn.Module, cfg) -> pd.DataFrame:
-    """:func:`sanity_checks` on the first ``cfg.sanity_n`` test images of the run, through every MBN branch."""
+    """:func:`sanity_checks` on ``cfg.sanity_n`` images of the run's evaluation set (:func:`subset_loader`),
+    through every MBN branch."""
     device = resolve_rank_device(cfg, distributed.context())
-    loader = data.make_loader(cfg.dataset, "test", cfg.sanity_n, n=cfg.n_test, seed=cfg.evaluation_seed, root=cfg.data_root)
+    loader = subset_loader(cfg, cfg.sanity_n, cfg.sanity_n)
     images, labels = data.to_device(next(iter(loader)), device)
     checkpoints = [n for n in cfg.eval_checkpoints if n <= 20] or [min(cfg.eval_checkpoints)]
     tables = []
@@ -611,19 +628,22 @@ def autoattack_spec(cfg, branch: str, n_iter: int, weights: str) -> dict:
     return dict(branch=branch, weights=weights, precision="bf16" if cfg.eval_bf16 else "fp32", attack=autoattack.WORST_CASE, attacks=list(autoattack.ATTACKS), eps=cfg.eval_eps,
                 n_iter=n_iter, max_target_classes=autoattack.MAX_TARGET_CLASSES, pgd_step=cfg.eval_step,
                 seed=cfg.evaluation_seed, n=cfg.eval_autoattack_n, n_test=cfg.n_test, batch_size=cfg.eval_batch_size,
-                dataset=cfg.dataset, torchattacks=autoattack.require_torchattacks().__version__)
+                dataset=cfg.dataset, torchattacks=autoattack.require_torchattacks().__version__,
+                version=EVALUATION_VERSION)
 
 
-def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool) -> dict[str, Path]:
+def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool, device: torch.device) -> dict[str, Path]:
     branches = norm.evaluated_branches(model)
     weights = models.weights_digest(model)
-    return {branch: _spec_dir(cfg.run_dir / "eval" / "autoattack", autoattack_spec(cfg, branch, n_iter, weights),
-                              write=write) for branch in branches}
+    return {branch: _spec_dir(cfg.run_dir / "eval" / "autoattack",
+                              autoattack_spec(cfg, branch, n_iter, weights) | {"device": device.type}, write=write)
+            for branch in branches}
 
 
 @exact_fp32()
 def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_iter: int | None = None) -> pd.DataFrame:
-    """AutoAttack on the first ``cfg.eval_autoattack_n`` images of the run's evaluation set, through every MBN
+    """AutoAttack on ``cfg.eval_autoattack_n`` images of the run's evaluation set (:func:`subset_loader`), through
+    every MBN
     branch, at ``cfg.eval_eps``: rows for ``results.csv`` (see :func:`autoattack_table`). Per-example results go
     to ``<run>/eval/autoattack/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
     ``n_iter``: None is AutoAttack's reference (:data:`advkit.autoattack.REFERENCE_ITERATIONS`)."""
@@ -632,10 +652,9 @@ def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_ite
                                fold_bn=cfg.attack_fold_bn)
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
-    loader = data.make_loader(cfg.dataset, "test", cfg.eval_batch_size, n=cfg.n_test, seed=cfg.evaluation_seed,
-                              root=cfg.data_root, num_workers=cfg.num_workers)
+    loader = subset_loader(cfg, cfg.eval_autoattack_n, cfg.eval_batch_size)
     tables = []
-    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main).items():
+    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=ctx.main, device=device).items():
         with norm.through_branch(model, branch):
             result = autoattack_curve(
                 model, loader, reference, num_classes=data.DATASETS[cfg.dataset].num_classes,
@@ -690,8 +709,9 @@ def autoattack_sanity_for_run(model: nn.Module, cfg, n_iter: int | None = None) 
     """:func:`autoattack_vs_pgd_check` for every MBN branch, from the ``examples.npz`` that
     :func:`autoattack_for_run` saved (call it after that, on the main process)."""
     n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
+    device = resolve_rank_device(cfg, distributed.context())
     tables = []
-    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=False).items():
+    for branch, folder in _autoattack_folders(model, cfg, n_iter, write=False, device=device).items():
         with np.load(folder / "examples.npz") as result:
             table = autoattack_vs_pgd_check(result[autoattack.WORST_CASE], result["pgd_untargeted"],
                                             pgd_name=f"untargeted PGD-{n_iter}")

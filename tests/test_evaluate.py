@@ -190,3 +190,25 @@ def test_numbers_labelled_fp32_are_computed_without_tf32_even_where_it_is_switch
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert tf32_seen and not any(tf32_seen)
     assert set(table["precision"]) == {"fp32"} and gate["precision"] == "fp32"
+
+
+def test_autoattack_and_the_sanity_checks_sample_the_evaluation_set_not_its_first_classes(monkeypatch):
+    """A test set in class order (ImageNet's validation folders): the first 100 images were all class 0. The
+    subset is a seeded sample inside the evaluation set (n_test images) and covers the classes."""
+    from advkit import config, data, evaluate
+
+    index = torch.arange(1000)
+    images = torch.zeros(1000, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = (index % 256).to(torch.uint8), (index // 256).to(torch.uint8)
+    labels = index // 100  # 100 images of class 0, then class 1, ...
+    monkeypatch.setattr(data, "load_tensors", lambda *args, **kwargs: (images, labels))
+    identity = lambda batch: set((batch[:, 0, 0, 0].long() + 256 * batch[:, 0, 0, 1].long()).tolist())
+    for n_test in (None, 500):
+        cfg = config.make_config("test", n_test=n_test, eval_batch_size=50)
+        evaluation = set().union(*(identity(x) for x, _ in data.make_loader("fashion-mnist", "test", 50, n=n_test,
+                                                                            seed=cfg.evaluation_seed)))
+        sample = [(identity(x), y) for x, y in evaluate.subset_loader(cfg, 100, 50)]
+        chosen = set().union(*(ids for ids, _ in sample))
+        assert len(chosen) == 100 and chosen <= evaluation
+        assert len(set(torch.cat([y for _, y in sample]).tolist())) >= 8  # not one or two classes
+    assert len(list(evaluate.subset_loader(config.make_config("test", n_test=40), 100, 50))[0][1]) == 40
