@@ -643,8 +643,7 @@ def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool, device:
 @exact_fp32()
 def autoattack_for_run(model: nn.Module, cfg, show_progress: bool = False, n_iter: int | None = None) -> pd.DataFrame:
     """AutoAttack on ``cfg.eval_autoattack_n`` images of the run's evaluation set (:func:`subset_loader`), through
-    every MBN
-    branch, at ``cfg.eval_eps``: rows for ``results.csv`` (see :func:`autoattack_table`). Per-example results go
+    every MBN branch, at ``cfg.eval_eps``: rows for ``results.csv`` (see :func:`autoattack_table`). Per-example results go
     to ``<run>/eval/autoattack/<branch>-<hash>/`` (batches, and ``examples.npz`` when complete).
     ``n_iter``: None is AutoAttack's reference (:data:`advkit.autoattack.REFERENCE_ITERATIONS`)."""
     n_iter = n_iter or autoattack.REFERENCE_ITERATIONS
