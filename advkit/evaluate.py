@@ -184,7 +184,12 @@ def robustness_curve(
 
 
 def curve_table(curve: dict[str, np.ndarray], **columns) -> pd.DataFrame:
-    """The tidy rows of one curve: a clean row (steps 0), then one row per checkpoint."""
+    """The tidy rows of one curve: a clean row (steps 0), then one row per checkpoint.
+
+    ``accuracy`` is the final iterate's (the paper's definition): an image the model gets wrong when clean can
+    count as right at PGD-n, when the targeted attack's steps happen to move it to its true class.
+    ``worst_accuracy`` counts an image right only if every iterate, from the random start on, is classified right.
+    """
     n = len(curve["clean"])
     rows = [dict(attack="clean", steps=0, accuracy=curve["clean"].mean(), worst_accuracy=curve["clean"].mean())]
     for i, steps in enumerate(curve["checkpoints"]):
@@ -622,10 +627,11 @@ def autoattack_table(result: dict[str, np.ndarray], *, n_iter: int, **columns) -
     return pd.DataFrame([columns | row | {"n": n} for row in rows])
 
 
-def autoattack_spec(cfg, branch: str, n_iter: int, weights: str) -> dict:
-    """What decides a run's AutoAttack results (the evaluated weights' digest included): its saved batches are
-    reused only under the same spec."""
-    return dict(branch=branch, weights=weights, precision="bf16" if cfg.eval_bf16 else "fp32", attack=autoattack.WORST_CASE, attacks=list(autoattack.ATTACKS), eps=cfg.eval_eps,
+def autoattack_spec(cfg, branch: str, n_iter: int, weights: str, device_type: str) -> dict:
+    """What decides a run's AutoAttack results (the evaluated weights' digest and the device type included): its
+    saved batches are reused only under the same spec."""
+    return dict(branch=branch, weights=weights, precision="bf16" if cfg.eval_bf16 else "fp32", device=device_type,
+                attack=autoattack.WORST_CASE, attacks=list(autoattack.ATTACKS), eps=cfg.eval_eps,
                 n_iter=n_iter, max_target_classes=autoattack.MAX_TARGET_CLASSES, pgd_step=cfg.eval_step,
                 seed=cfg.evaluation_seed, n=cfg.eval_autoattack_n, n_test=cfg.n_test, batch_size=cfg.eval_batch_size,
                 dataset=cfg.dataset, torchattacks=autoattack.require_torchattacks().__version__,
@@ -636,7 +642,7 @@ def _autoattack_folders(model: nn.Module, cfg, n_iter: int, write: bool, device:
     branches = norm.evaluated_branches(model)
     weights = models.weights_digest(model)
     return {branch: _spec_dir(cfg.run_dir / "eval" / "autoattack",
-                              autoattack_spec(cfg, branch, n_iter, weights) | {"device": device.type}, write=write)
+                              autoattack_spec(cfg, branch, n_iter, weights, device.type), write=write)
             for branch in branches}
 
 

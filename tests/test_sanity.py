@@ -17,8 +17,8 @@ from advkit import attacks, config, data, evaluate, norm
 
 def sanity(model: torch.nn.Module, undefended: bool) -> pd.DataFrame:
     """sanity.csv of ``model`` as a `test`-preset run makes it (32 images, eps 16, step 4, every MBN branch), with
-    PGD-1/2/5: at step 4, three steps cannot cross the eps-ball (2 of the 32 sampled images kept the undefended
-    model right, above the check's 5%); five can. A clean-trained run if ``undefended``."""
+    PGD-1/2/5: on the sampled images PGD-3 at step 4 left the undefended model right on 2 of 32, above the check's
+    5%; PGD-5 passes it. A clean-trained run if ``undefended``."""
     strategy = dict(adv_ratio=0, clean_ratio=1.0) if undefended else {}
     return evaluate.sanity_for_run(model, config.make_config("test", name="sanity", eval_checkpoints=[1, 2, 5],
                                                              **strategy))
