@@ -65,7 +65,8 @@ def attack_mode(model: nn.Module, bn_mode: str = "running", fold_bn: bool = Fals
     Yields the module to attack: ``model``, or with ``fold_bn`` in 'running' mode its BN-folded view (the same
     function with every conv -> BN pair as one conv, see :mod:`advkit.fold`; on the CPU in channels_last memory
     format, which ``make bench`` measured faster there), through ``torch.compile`` if ``compile_attack`` (True or
-    a mode of :data:`COMPILE_MODES`). On exit every module's train flag, every BN buffer (in 'batch' mode, where
+    a mode of :data:`COMPILE_MODES`). The folded view runs the Mixture BN branch selected on entry: select the
+    branch before entering, never inside. On exit every module's train flag, every BN buffer (in 'batch' mode, where
     the forward passes would update them) and every parameter's ``requires_grad`` are restored.
     """
     check_choice("bn_mode", bn_mode, BN_MODES)
@@ -106,7 +107,8 @@ def random_start(
     per_example: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """A start point uniform in the eps-cube (eps in [0, 1] units) intersected with [0, 1].
+    """A start point drawn uniformly in the eps-cube around each image (eps in [0, 1] units), then clamped to [0, 1]
+    (pixels near 0 or 1 therefore start on the boundary more often than a uniform draw would put them).
 
     With probability ``clean_start_prob`` the start is the clean image instead: one draw for the whole
     batch (the original pipeline) or one per example (``per_example=True``).
@@ -242,6 +244,9 @@ def pgd(
         raise ValueError("num_classes=None is not accepted for a targeted attack without targets; give the class count")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images and labels disagree on the batch size ({images.shape[0]} vs {labels.shape[0]})")
+    if attack.targeted and targets is not None and bool((targets == labels).any()):
+        raise ValueError("targets equal to the labels are not accepted for a targeted attack: it would push those "
+                         "examples toward their true class; give a target other than the label for every example")
     images = images.detach()
     best = None
     with attack_mode(model, attack.bn_mode, attack.fold_bn, attack.compile) as attacked:

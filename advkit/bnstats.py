@@ -121,7 +121,9 @@ def figure_statistics(
 def bnstats_for_run(model: nn.Module, cfg) -> pd.DataFrame:
     """Figures 5-6 statistics of a trained run: two mini-batches (at most 256 images) of the run's own training
     images (its seeded subset, in its first epoch's order, without augmentation), attacked with the run's
-    training attack (eps, step, steps, clean-start probability, BN mode)."""
+    training attack (eps, step, steps, clean-start probability, BN mode). A ``sync_bn`` run's model is measured
+    as a plain-BN copy: only rank 0 measures, so SyncBatchNorm's all-reduce on batch statistics would wait forever."""
+    model = norm.without_sync_batchnorm(model)
     if not norm.batch_norms(model):
         return pd.DataFrame()
     device = resolve_rank_device(cfg, distributed.context())

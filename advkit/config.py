@@ -413,6 +413,9 @@ def _check_combinations(cfg: Config, check_paths: bool) -> None:
     if cfg.sync_bn and cfg.norm != "bn":
         raise ValueError(f"sync_bn=True is not accepted with norm={cfg.norm!r}: Mixture BN keeps each branch's "
                          "statistics apart and GroupNorm has none; use norm='bn' or sync_bn=False")
+    if cfg.sync_bn and cfg.gpus > 1 and cfg.device == "cpu":
+        raise ValueError(f"sync_bn=True is not accepted with device='cpu' and gpus={cfg.gpus}: SyncBatchNorm "
+                         "synchronizes on GPUs only; use sync_bn=False (BN statistics per process, as the paper)")
     if cfg.batch_size % cfg.gpus:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with gpus={cfg.gpus}: the global batch must "
                          "divide evenly between the processes")

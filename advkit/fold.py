@@ -73,8 +73,10 @@ _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _structure_key(model: nn.Module) -> tuple:
-    """What decides the traced graph: the modules, each Mixture BN's branch and each BN's mode."""
-    return tuple((id(m), getattr(m, "branch", None), m.training) for m in model.modules())
+    """What decides the traced graph: the modules, each Mixture BN's branch and each BN's mode, and the tensors
+    the trace holds (``model.to`` replaces buffers and changes parameters' dtype and device in place)."""
+    return (tuple((id(m), getattr(m, "branch", None), m.training) for m in model.modules()),
+            tuple((id(t), t.dtype, t.device) for t in (*model.parameters(), *model.buffers())))
 
 
 def fold_batch_norms(model: nn.Module, channels_last: bool = False) -> nn.Module:

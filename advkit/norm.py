@@ -10,6 +10,7 @@ MBN_clean or MBN_adv can be trained, evaluated and attacked.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -125,9 +126,17 @@ def _replace_modules(model: nn.Module, convert) -> nn.Module:
     return model
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    tensors = [*module.parameters(), *module.buffers()]
-    return tensors[0].device if tensors else torch.device("cpu")
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` (to receive ``old``'s state) on ``old``'s device, in its dtype and train mode, its parameters frozen
+    where ``old``'s are."""
+    reference = next(old.parameters(), None)
+    if reference is not None:
+        new.to(device=reference.device, dtype=reference.dtype)
+        for p in new.parameters():
+            p.requires_grad_(reference.requires_grad)
+    elif (buffer := next(old.buffers(), None)) is not None:
+        new.to(buffer.device)
+    return new.train(old.training)
 
 
 def convert_bn_to_mbn(model: nn.Module) -> nn.Module:
@@ -140,10 +149,28 @@ def convert_bn_to_mbn(model: nn.Module) -> nn.Module:
             module.num_features, eps=module.eps, momentum=module.momentum,
             affine=module.affine, track_running_stats=module.track_running_stats,
         )
-        mbn.load_state_dict(module.state_dict())
-        return mbn.to(_device_of(module)).train(module.training)
+        _like(mbn, module).load_state_dict(module.state_dict())
+        return mbn
 
     return _replace_modules(model, convert)
+
+
+def without_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has no SyncBatchNorm, else a copy in which each SyncBatchNorm is a BatchNorm2d
+    holding its state (the inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``): a copy that one process can
+    run on batch statistics without waiting for the others' all-reduce, and that the BN tools recognise."""
+    if not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return model
+
+    def convert(module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.SyncBatchNorm):
+            return module
+        plain = nn.BatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                               track_running_stats=module.track_running_stats)
+        _like(plain, module).load_state_dict(module.state_dict())
+        return plain
+
+    return _replace_modules(copy.deepcopy(model), convert)
 
 
 def group_count(num_channels: int, groups: int = 32) -> int:

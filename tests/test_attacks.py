@@ -83,6 +83,15 @@ def test_mixture_bn_attack_runs_through_the_selected_branch(fmnist_test):
     assert not torch.equal(a_clean, a_adv)
 
 
+def test_a_targeted_attack_refuses_the_label_as_target():
+    model = fmnist_model("small_resnet8", "bn")
+    images, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="targets equal to the labels are not accepted"):
+        attacks.pgd(model, images, labels, attacks.Attack(steps=1), targets=torch.tensor([1, 1, 3, 4]))
+    attacks.pgd(model, images, labels, attacks.Attack(steps=1), targets=torch.tensor([1, 2, 3, 4]))  # all differ
+    attacks.pgd(model, images, labels, attacks.Attack(steps=1, targeted=False), targets=labels)  # not targeted
+
+
 def test_matches_torchattacks_pgd_untargeted_from_the_same_start(clean_trained_model, fmnist_test):
     x, y = fmnist_test
     model = clean_trained_model

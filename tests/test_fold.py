@@ -83,6 +83,16 @@ def test_the_view_follows_later_weight_changes_and_the_selected_branch():
     assert not torch.allclose(clean_view(x), first(x))  # the branches differ, and each view follows its own
 
 
+def test_the_view_follows_the_model_to_another_dtype():
+    """``model.to`` replaces buffers and casts parameters in place: the cached trace must not keep the old ones
+    (it raised a dtype error after ``.double()``)."""
+    model = _randomize_statistics(fmnist_model("small_resnet8", "bn"))
+    fold.fold_batch_norms(model)(torch.rand(2, 1, 28, 28))
+    model.double()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fold.fold_batch_norms(model)(x), model(x))
+
+
 def test_nothing_is_folded_for_group_norm_or_batch_statistics():
     gn = fmnist_model("small_resnet8", "gn").eval()
     assert fold.fold_batch_norms(gn) is gn

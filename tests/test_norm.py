@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,34 @@ def test_convert_bn_to_mbn_keeps_the_function():
         with norm.use_branch(converted, branch):
             assert torch.allclose(converted(x), expected, atol=1e-5)
 
+
+
+def test_converted_layers_keep_the_dtype_and_frozen_parameters():
+    """BN -> MBN and SyncBN -> BN keep a float64 model float64 (it used to become float32 and fail in the forward)
+    and keep frozen parameters frozen."""
+    model = models.build_model("small_resnet8", 10, "bn", in_channels=1, mean=(0.5,), std=(0.5,)).double().eval()
+    model.net.bn1.weight.requires_grad_(False)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    expected = model(x)
+    mbn = norm.convert_bn_to_mbn(model)
+    assert {p.dtype for p in mbn.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in mbn.net.bn1.parameters())
+    assert all(p.requires_grad for p in mbn.net.layer1.parameters())
+    torch.testing.assert_close(mbn(x), expected)
+
+
+def test_without_sync_batchnorm_gives_a_plain_copy_and_leaves_the_model_alone():
+    model = models.build_model("small_resnet8", 10, "bn", in_channels=1, mean=(0.5,), std=(0.5,)).train()
+    model(torch.rand(16, 1, 28, 28))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()  # converts in place
+    plain = norm.without_sync_batchnorm(synced)
+    assert norm.without_sync_batchnorm(model) is model  # nothing to convert: no copy
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())  # the run's own model keeps its layers
+    assert norm.norm_layer_names(plain) == norm.norm_layer_names(model.eval())
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(plain(x), synced(x))
+    assert all(torch.equal(v, synced.state_dict()[k]) for k, v in plain.state_dict().items())
 
 
 def test_convert_bn_to_mbn_gives_a_torchvision_model_two_branches_that_train_apart():

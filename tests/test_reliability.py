@@ -347,6 +347,7 @@ BAD_INPUTS = [
     (dict(alp_weight=0.5, clean_ratio=0.0), r"alp_weight=0.5 .*clean_ratio=0.0"),
     (dict(adv_ratio=0, clean_ratio=0.5), r"clean_ratio=0.5 .*adv_ratio=0"),
     (dict(sync_bn=True), r"sync_bn=True .*norm='mbn'"),
+    (dict(norm="bn", sync_bn=True, gpus=2, device="cpu"), r"sync_bn=True is not accepted with device='cpu' and gpus=2"),
     (dict(clean_ratio=0.0), r"norm='mbn' is not accepted with adv_ratio=1.0, clean_ratio=0.0: .*\(adv_ratio=1, clean_ratio > 0\)"),
     (dict(norm="mbn", adv_ratio=0, clean_ratio=1.0), r"norm='mbn' is not accepted with adv_ratio=0"),
     (dict(norm="gn", running_stats_epochs=1), r"running_stats_epochs=1 is not accepted with norm='gn'"),

@@ -179,6 +179,22 @@ def test_bn_statistics_use_the_runs_own_training_batches_and_attack(tmp_path, mo
     assert all(bytes(image.flatten().tolist()) in own for image in batch)  # every image is one of the run's
 
 
+def test_a_sync_bn_runs_bn_statistics_are_those_of_its_plain_bn_model(tmp_path):
+    """A sync_bn run's model holds SyncBatchNorm layers, which the BN tools did not see: Figures 5-6 raised
+    'no BN layer in a stage called layer2' after training (and under torchrun rank 0 alone would have waited on
+    SyncBatchNorm's all-reduce)."""
+    import copy
+
+    import torch.nn as nn
+
+    cfg = make_config("test", **TINY | dict(runs_root=str(tmp_path), bnstats_channels=4))
+    model = train.build_model(cfg).eval()
+    expected = bnstats.bnstats_for_run(model, cfg)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    pd.testing.assert_frame_equal(bnstats.bnstats_for_run(synced, cfg), expected)
+    assert len(expected) and any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(bnstats_layer="net.layer9.0.bn1"), r"bnstats_layer='net.layer9.0.bn1' is not accepted; the BN layers of "
                                              r"small_resnet8 with norm='bn' are: net.bn1, "),
