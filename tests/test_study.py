@@ -3,7 +3,7 @@ import math
 import pandas as pd
 import pytest
 
-from advkit import config, run, study, train
+from advkit import config, paths, run, study, sweep, train
 
 
 def test_settings_drop_the_grid_tags_of_seed_and_depth():
@@ -79,6 +79,31 @@ def test_claims_are_paired_differences_over_seeds():
     assert table.loc["C1", "verdict"] == "holds" and not table.loc["C1", "decided"]  # 3 seeds: the rule applies from 5
     assert table.loc["C3", "verdict"] == "no effect larger than 2 points"  # GN equals BN within 0.1 point
     assert table.loc["C4", "verdict"] == "not run yet" and table.loc["C4", "seeds"] == 0
+
+
+def test_the_4_group_groupnorm_claims_pair_gn4_runs_with_main_yamls_bn_and_adv_only_runs():
+    runs = _runs({("adv-clean0", "-"): [60.0, 61.0, 62.0], ("adv-clean100", "-"): [55.0, 56.0, 57.0],
+                  ("adv-clean100-gn", "-"): [50.0, 51.0, 52.0], ("adv-clean100-gn4", "-"): [58.0, 59.0, 60.0]})
+    table = study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    assert table.loc["C3", "mean"] == pytest.approx(-5.0) and table.loc["C3-g4", "mean"] == pytest.approx(3.0)
+    assert table.loc["C3b-g4", "mean"] == pytest.approx(-2.0) and table.loc["C3b-g4", "near"]
+    assert table.loc["C3-g4", "paper_effect"] == table.loc["C3", "paper_effect"]
+
+
+def test_the_readme_titles_say_how_many_channels_per_group_the_studys_groupnorm_has():
+    """CLAIM_TITLES describe the GroupNorm of the runs (32 groups: 1-2 channels each; 4 groups: 4-16): measured
+    on small_resnet8 built as the study's sweeps build it."""
+    import torch.nn as nn
+    from advkit import models
+    folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
+    built = {}
+    for file, setting in (("main.yaml", "adv-clean100-gn-seed0"), ("gn-groups.yaml", "adv-clean100-gn4-seed0")):
+        cfg = next(p.config for p in sweep.load_sweep(folder / file) if p.config.name == setting)
+        model = models.build_model(cfg.arch, norm=cfg.norm, gn_groups=cfg.gn_groups, num_classes=10, in_channels=1,
+                                   mean=(0.5,), std=(0.5,))
+        built[setting] = sorted({m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)})
+    assert built["adv-clean100-gn-seed0"] == [1, 2] and "1-2 channels each" in study.CLAIM_TITLES["C3"]
+    assert built["adv-clean100-gn4-seed0"] == [4, 8, 16] and "4-16 channels each" in study.CLAIM_TITLES["C3-g4"]
 
 
 def test_looking_after_every_seed_raises_the_error_and_the_sequential_level_brings_it_back_to_5_percent():

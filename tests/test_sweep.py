@@ -434,6 +434,21 @@ def test_standard_trainings_autoattack_runs_repeat_main_yamls_standard_point():
             {k: v for k, v in standard[point.config.seed].items() if k not in ignored}, point.config.name
 
 
+def test_the_4_group_groupnorm_runs_repeat_main_yamls_groupnorm_point_apart_from_the_groups():
+    """gn-groups.yaml (added after C3's seeds 0-4) trains main.yaml's GroupNorm point with gn_groups 4 on the same
+    seeds; anything else drifting would pair unlike runs."""
+    folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
+    gn = {p.config.seed: p.config.to_dict() for p in sweep.load_sweep(folder / "main.yaml")
+          if p.config.name.startswith("adv-clean100-gn-")}
+    four = sweep.load_sweep(folder / "gn-groups.yaml")
+    assert {p.config.seed for p in four} == set(gn) == set(range(5))
+    for point in four:
+        values, reference = point.config.to_dict(), gn[point.config.seed]
+        assert values["gn_groups"] == 4 and reference["gn_groups"] == 32
+        differ = {k for k in values if values[k] != reference[k]}
+        assert differ == {"name", "runs_root", "gn_groups"}, (point.config.name, differ)
+
+
 def _run_direct():
     """notebooks/sweeps/decisive/run_direct.py (a script beside the sweep files) as a module."""
     import importlib.util
