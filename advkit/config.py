@@ -324,6 +324,8 @@ def _check_values(cfg: Config) -> None:
     """Each parameter on its own: choices, ranges, types."""
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ValueError(f"name={cfg.name!r} is not accepted; give a non-empty folder name without '/'")
+    if not isinstance(cfg.runs_root, (str, os.PathLike)):
+        raise ValueError(f"runs_root={cfg.runs_root!r} is not accepted; give a folder path (text)")
     check_choice("dataset", cfg.dataset, list(data.DATASETS))
     check_choice("arch", cfg.arch, models.ARCHS)
     check_choice("norm", cfg.norm, models.NORMS)

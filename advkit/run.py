@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data, distributed, external, norm, tblog
 from .bnstats import bnstats_for_run
-from .config import Config, ResumeConflict, config_from_file, evaluation_changed, resume_conflicts, validate
+from .config import Config, ResumeConflict, config_from_file, resume_conflicts, validate
 from .device import environment, resolve_rank_device
 from .evaluate import evaluate_model, sanity_table
 from .rundir import RunDir, load_checkpoint
@@ -30,12 +30,44 @@ def _check_inputs(cfg: Config) -> distributed.Context:
     validate(cfg)
     data.check_available(cfg.dataset, cfg.data_root)
     if cfg.init_checkpoint:
+        check_source_finished(cfg.init_checkpoint)
         check_loadable(cfg, load_checkpoint(cfg.init_checkpoint)["model"])
     ctx = distributed.init_from_env()
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with {ctx.world_size} processes: the global "
                          "batch must divide evenly between them")
     return ctx
+
+
+def check_source_finished(init_checkpoint: str) -> None:
+    """Raise ValueError naming ``init_checkpoint`` if it is a run folder whose run is not finished now (still
+    training, failed, interrupted) or that another process holds: its checkpoint is not the final model, and a
+    finetuning run (Section 4.4) started from it would silently build on partial weights. A file is taken as is."""
+    source = RunDir(init_checkpoint)
+    if not source.path.is_dir():
+        return
+    holder = source.locked_by_other()
+    if holder is not None:
+        raise ValueError(f"init_checkpoint={init_checkpoint!r} is not accepted: the run is in use by {holder} (its "
+                         "checkpoint may change); start from it once that process has finished")
+    state = source.state()
+    if state != "done":
+        raise ValueError(f"init_checkpoint={init_checkpoint!r} is not accepted: the run in that folder is not "
+                         f"finished (state {state!r}); finish it first, or give a checkpoint file")
+
+
+# parameters that change neither what is trained nor what a run writes: where it and its data live, and how it runs
+WHERE_AND_HOW = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
+                 "decode", "attack_compile", "device")
+
+
+def outputs_differ(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The parameters (``name: saved -> new``) in which ``cfg`` asks a run for something other than its ``saved``
+    config gave: anything but :data:`WHERE_AND_HOW` (more epochs, other evaluation, sanity checks, BN statistics,
+    TensorBoard logs). A finished run with any of them is not up to date."""
+    return [f"{name}: {saved.get(name, getattr(Config(), name))!r} -> {value!r}"
+            for name, value in cfg.to_dict().items()
+            if name not in WHERE_AND_HOW and saved.get(name, getattr(Config(), name)) != value]
 
 
 def _refuse_early(cfg: Config, run: RunDir) -> None:
@@ -80,10 +112,7 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Co
 
 def _unchanged_and_finished(cfg: Config, run: RunDir) -> bool:
     """Whether the folder holds a finished run of exactly this configuration (where things live aside)."""
-    if not run.finished():
-        return False
-    saved = run.config()
-    return not resume_conflicts(saved, cfg) and not evaluation_changed(saved, cfg)
+    return run.finished() and not outputs_differ(run.config(), cfg)
 
 
 @contextlib.contextmanager

@@ -13,9 +13,9 @@ A sweep file::
       - {name: ft, finetune_bn: true, init_checkpoint: "run:adv-only", adv_ratio: 0, clean_ratio: 1}
 
 ``init_checkpoint: run:<name>`` starts from an earlier point of the same sweep (with a grid, the earlier
-point with the same grid values). ``order: grid`` runs every point of one grid combination before the next
-combination starts (seeds added one at a time: the points of seed 0, then of seed 1, ...); the default
-``points`` runs each point over the whole grid before the next point.
+point with the same grid values), once that point's run is finished. ``order: grid`` runs every point of one
+grid combination before the next combination starts (seeds added one at a time: the points of seed 0, then of
+seed 1, ...); the default ``points`` runs each point over the whole grid before the next point.
 
 Every point is validated before anything runs (a key given twice, a malformed entry, a run name that is no
 safe folder name: one-line messages naming the entry). A point whose ``results.csv`` exists is skipped; one
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, evaluation_changed, make_config, resume_conflicts
+from .config import Config, make_config, resume_conflicts
 from .paths import project_root
 from .rundir import RunDir
 from .validate import check_choice, check_range
@@ -86,7 +86,12 @@ def _value_tag(value: Any) -> str:
 def _read_spec(path: Path) -> dict:
     """The sweep file's top-level mapping; ValueError (one line) for invalid YAML or a duplicate key."""
     try:
-        spec = yaml.load(path.read_text(), Loader=StrictLoader) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sweep file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}; give the path "
+                         "of a YAML sweep file") from None
+    try:
+        spec = yaml.load(text, Loader=StrictLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -313,6 +318,10 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
             raise RunRefused(exc.ename, exc.evalue) from None
         os.replace(attempt, run.notebook)  # the run was accepted and failed in it: its record shows how
         raise
+    except BaseException:  # a dead kernel (SIGKILL, out of memory), Ctrl-C: keep the record of a run that started
+        if _status_bytes(run) != status_before and attempt.exists():
+            os.replace(attempt, run.notebook)
+        raise
     os.replace(attempt, run.notebook)
     with contextlib.suppress(OSError):
         attempts.rmdir()
@@ -330,8 +339,11 @@ def _run_point(point: Point, kernel: str | None, progress: bool) -> None:
 
 def up_to_date(point: Point) -> bool:
     """Whether the point's run is finished with what the sweep file now gives (nothing to do: skip it); a finished
-    run trained with other parameters raises ValueError naming them. Changed evaluation parameters: not up to
-    date (the run is evaluated again)."""
+    run trained with other parameters raises ValueError naming them. Any other change but where things live (more
+    epochs, evaluation, sanity checks, BN statistics, TensorBoard): not up to date, so the point runs with
+    ``resume='auto'``, which extends its training or computes its outputs again (:func:`run.outputs_differ`)."""
+    from .run import outputs_differ
+
     if not finished(point):
         return False
     conflicts = finished_differently(point)
@@ -339,16 +351,61 @@ def up_to_date(point: Point) -> bool:
         raise ValueError(f"the finished run {point.config.run_dir} was trained with other parameters than the sweep "
                          f"file now gives ({'; '.join(conflicts)}); restore the file, or delete the run to train it "
                          "anew")
-    return not evaluation_changed(RunDir(point.config.run_dir).config(), point.config)
+    return not outputs_differ(RunDir(point.config.run_dir).config(), point.config)
+
+
+def _source_ready(point: Point, failed: set[str], elsewhere: list[Point], outcome: dict[str, list]) -> bool:
+    """Whether a finetuning point can start: only from a source that is finished now (Section 4.4 finetunes the
+    final model). A source that failed in this sweep, or that is unfinished and not left to another process,
+    fails the point (recorded in ``outcome``); one left to another process defers the point after it."""
+    name, source = point.config.name, point.source
+    if source in failed:
+        reason = f"not run: the point it starts from, {source}, failed"
+    elif any(p.config.name == source for p in elsewhere) and point not in elsewhere:
+        elsewhere.append(point)  # after its source, which this sweep waits for at the end
+        print(f"[sweep] {name} waits for {source}, which another process holds", flush=True)
+        return False
+    else:
+        folder = RunDir(point.config.init_checkpoint)
+        holder = folder.locked_by_other()
+        state = folder.state()
+        if holder is None and state == "done":
+            return True
+        reason = (f"not run: the point it starts from, {source}, is in use by {holder}" if holder is not None else
+                  f"not run: the point it starts from, {source}, is not finished (state {state!r})")
+    outcome["failed"].append((name, "", reason))
+    failed.add(name)
+    return False
+
+
+def preflight(points: list[Point]) -> None:
+    """The checks every way of running a sweep makes before a point's compute, made for every point without
+    running any (``advkit sweep FILE --check``): a finished run trained with other parameters than the file now
+    gives, a damaged run folder, a data set not readable under ``data_root``. One ValueError naming each failing
+    point and why."""
+    from .data import check_available
+
+    problems = []
+    for point in points:
+        try:
+            up_to_date(point)
+            check_available(point.config.dataset, point.config.data_root)
+        except (OSError, ValueError) as exc:
+            problems.append(f"point {point.config.name!r}: {exc}")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def run_points(points: list[Point], kernel: str | None = None, progress: bool = True) -> dict[str, list]:
     """Run every unfinished point of ``points``, in order, through papermill; return {'done', 'skipped', 'failed'}
     lists. Any exception of one point, in its set-up or its notebook, is recorded and the sweep goes on. A point in
     use by another process (another sweep of the same file) is left to it; at the end this sweep waits for that
-    process and runs the point only if it did not finish, so every point is trained once."""
+    process and runs the point only if it did not finish, so every point is trained once. A finetuning point
+    runs only from a source finished now (:func:`_source_ready`): after it, if the source was left to another
+    process; not at all, reported failed with the reason, if the source failed or is unfinished."""
     outcome: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     elsewhere: list[Point] = []
+    failed: set[str] = set()
 
     def attempt(point: Point) -> None:
         name = point.config.name
@@ -356,6 +413,8 @@ def run_points(points: list[Point], kernel: str | None = None, progress: bool = 
             if up_to_date(point):
                 outcome["skipped"].append(name)
                 print(f"[sweep] skip {name}: finished", flush=True)
+                return
+            if point.source is not None and not _source_ready(point, failed, elsewhere, outcome):
                 return
             holder = RunDir(point.config.run_dir).locked_by_other()
             if holder is not None and point not in elsewhere:
@@ -372,6 +431,7 @@ def run_points(points: list[Point], kernel: str | None = None, progress: bool = 
                 return
             record = "" if isinstance(exc, RunRefused) else str(point.output)  # a refusal wrote no record
             outcome["failed"].append((name, record, f"{type(exc).__name__}: {str(exc)[-300:]}"))
+            failed.add(name)
 
     for point in points:
         attempt(point)

@@ -137,7 +137,8 @@ def test_bn_only_finetuning_changes_nothing_but_bn(tmp_path):
     run.train_run(base, show_progress=False)
     start = rundir.load_checkpoint(tmp_path / "base")["model"]
     ft = make_config("test", name="ft", runs_root=str(tmp_path), epochs=1, adv_ratio=0, clean_ratio=1,
-                     finetune_bn=True, init_checkpoint=str(tmp_path / "base"))
+                     finetune_bn=True,
+                     init_checkpoint=str(tmp_path / "base" / "checkpoints" / "last.pt"))  # trained, not evaluated
     model = run.train_run(ft, show_progress=False)
     bn_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, start[k])]

@@ -214,9 +214,10 @@ def test_late_failing_parameters_are_refused_before_anything_is_written(tmp_path
 
 def test_a_checkpoint_of_another_architecture_is_refused_before_the_run_folder(tmp_path):
     run.train_run(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r8")), show_progress=False)
+    start = str(tmp_path / "r8" / "checkpoints" / "last.pt")  # trained, not evaluated: a file, not a run folder
     with pytest.raises(ValueError, match=r"init_checkpoint=.* does not fit arch='small_resnet14'"):
         run.train_run(make_config("test", **TINY | dict(runs_root=str(tmp_path), name="r14", arch="small_resnet14",
-                                                      init_checkpoint=str(tmp_path / "r8"))), show_progress=False)
+                                                      init_checkpoint=start)), show_progress=False)
     assert not (tmp_path / "r14").exists()
 
 
