@@ -172,7 +172,9 @@ def make_config(preset: str | None = None, *, check_paths: bool = True, **overri
     """A validated Config: the preset's values, then ``overrides``. Unknown names are rejected.
 
     ``check_paths=False`` skips the existence check of ``init_checkpoint`` (a sweep's finetuning point whose
-    starting run comes earlier in the same sweep)."""
+    starting run comes earlier in the same sweep). A preset's value that an override makes inapplicable (the
+    ``test`` preset's ``lr_decay_epochs`` under ``schedule='cosine'``) goes back to the default; the same value
+    passed explicitly is refused."""
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -182,12 +184,36 @@ def make_config(preset: str | None = None, *, check_paths: bool = True, **overri
         check_choice("preset", preset, list(PRESETS))
         values.update(PRESETS[preset])
     values.update(overrides)
+    for name in _inapplicable(values):
+        if name not in overrides:  # the preset's own value: back to the default; a value passed is refused
+            values[name] = getattr(Config(), name)
     for name in ("n_train", "n_test"):
         if values.get(name) == "all":
             values[name] = None
     cfg = Config(**values)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _inapplicable(values: dict[str, Any]) -> dict[str, str]:
+    """The parameters that ``values`` (Config's defaults fill the rest) sets to something the run would ignore or
+    fail on, given the other values: name -> what to give instead."""
+    default = Config()
+    v = dataclasses.asdict(default) | values
+    out = {}
+    if v["nesterov"] is True and v["optimizer"] != "sgd":
+        out["nesterov"] = (f"optimizer={v['optimizer']!r}: RMSProp has no Nesterov momentum (it would be ignored); "
+                           "use nesterov=False")
+    elif v["nesterov"] is True and v["momentum"] == 0:
+        out["nesterov"] = (f"momentum={v['momentum']}: Nesterov momentum needs momentum > 0 (torch's SGD refuses it "
+                           "after the run folder is taken); give momentum > 0 or nesterov=False")
+    for schedule, names in (("step", ("lr_decay_epochs", "lr_decay_factor")),
+                            ("exp", ("exp_decay_rate", "exp_decay_epochs"))):
+        for name in names:
+            if v["schedule"] != schedule and v[name] != getattr(default, name):
+                out[name] = (f"schedule={v['schedule']!r}: only schedule={schedule!r} reads it (it would be "
+                             f"ignored); leave {name}={getattr(default, name)!r} or use schedule={schedule!r}")
+    return out
 
 
 def _preset_values(name: str) -> str:
@@ -263,18 +289,24 @@ class ResumeConflict(ValueError):
 # nothing that changes the weights of the epochs already trained.
 RESUME_FREE = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
                "decode", "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device", "tensorboard")
+# Besides ``eval_*``: parameters that change only the evaluation, so a finished run is evaluated again with them.
+EVALUATION_ONLY = ("n_test",)
+
+
+def _evaluation_parameter(name: str) -> bool:
+    return name.startswith("eval_") or name in EVALUATION_ONLY
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
     """The parameters of ``cfg`` that a resumed run may not change from the ``saved`` config (its checkpoint's):
     anything that alters what is trained. ``epochs`` may grow (the run is extended and evaluated afresh), unless
     the schedule or the running-statistics epochs depend on the total (cosine, ``running_stats_epochs``), and
-    evaluation parameters (``eval_*``) may change. Each conflict reads ``name: saved -> new``."""
+    evaluation parameters (``eval_*``, ``n_test``) may change. Each conflict reads ``name: saved -> new``."""
     new = cfg.to_dict()
     conflicts = []
     for name, value in new.items():
         old = saved.get(name, getattr(Config(), name))
-        if value == old or name in RESUME_FREE or name.startswith("eval_"):
+        if value == old or name in RESUME_FREE or _evaluation_parameter(name):
             continue
         if name == "epochs" and value > old and cfg.schedule != "cosine" and not cfg.running_stats_epochs:
             continue
@@ -283,8 +315,9 @@ def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
 
 
 def evaluation_changed(saved: dict[str, Any], cfg: Config) -> bool:
-    """Whether ``cfg`` evaluates differently from the ``saved`` config (its ``eval_*`` parameters differ)."""
-    return any(saved.get(k) != v for k, v in cfg.to_dict().items() if k.startswith("eval_"))
+    """Whether ``cfg`` evaluates differently from the ``saved`` config (its ``eval_*`` parameters or ``n_test``
+    differ)."""
+    return any(saved.get(k) != v for k, v in cfg.to_dict().items() if _evaluation_parameter(k))
 
 
 def config_from_file(path: str | Path) -> Config:
@@ -320,8 +353,32 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     return cfg
 
 
+def _bool_parameters() -> dict[str, bool]:
+    """Each parameter annotated ``bool`` or ``bool | None`` (from the dataclass, so a new one is covered) and
+    whether it may be None. ``resume`` (``bool | str``) has its own check."""
+    kinds = {f.name: f.type.split(" | ") for f in dataclasses.fields(Config)}
+    return {name: "None" in kind for name, kind in kinds.items() if kind in (["bool"], ["bool", "None"])}
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Image counts within the data set's splits, before any compute (ImageNet: its folders decide, read when the
+    loader is built)."""
+    sizes = data.SPLIT_SIZES.get(cfg.dataset)
+    if sizes is None:
+        return
+    for name in ("n_train", "n_test", "sanity_n", "eval_autoattack_n"):
+        value, split = getattr(cfg, name), "train" if name == "n_train" else "test"
+        if value is not None and value > sizes[split]:
+            every = " (None or 'all': every image)" if name.startswith("n_") else ""
+            raise ValueError(f"{name}={value} is not accepted; {data.DATA_NAMES[cfg.dataset]}'s "
+                             f"{'training' if split == 'train' else 'test'} split has {sizes[split]} images: give at "
+                             f"most {sizes[split]}{every}")
+
+
 def _check_values(cfg: Config) -> None:
     """Each parameter on its own: choices, ranges, types."""
+    for name, optional in _bool_parameters().items():  # the string 'false' would count as True
+        check_choice(name, getattr(cfg, name), [False, True, None] if optional else [False, True])
     if not isinstance(cfg.name, str) or not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ValueError(f"name={cfg.name!r} is not accepted; give a non-empty folder name without '/'")
     if not isinstance(cfg.runs_root, (str, os.PathLike)):
@@ -357,14 +414,13 @@ def _check_values(cfg: Config) -> None:
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.eval_checkpoints):
         raise ValueError(f"eval_checkpoints={cfg.eval_checkpoints!r} is not accepted; give a list of positive PGD "
                          "iteration counts, e.g. [10, 20, 50, 100, 200, 500, 1000, 2000]")
+    _check_sizes(cfg)
     if cfg.eval_autoattack_n and cfg.n_test is not None and cfg.eval_autoattack_n > cfg.n_test:
         raise ValueError(f"eval_autoattack_n={cfg.eval_autoattack_n} is not accepted with n_test={cfg.n_test}: "
                          "AutoAttack runs on a sample of the evaluation set; give 0 (off) up to n_test")
     if cfg.eval_autoattack_n:
         autoattack.require_torchattacks()  # an ImportError saying how to install it, before any compute
     check_choice("resume", cfg.resume, [False, True, "auto"])
-    check_choice("overwrite", cfg.overwrite, [False, True])
-    check_choice("tensorboard", cfg.tensorboard, [False, True])
     if cfg.tensorboard:
         tblog.require_tensorboard()  # an ImportError saying how to install it, before any compute
 
@@ -430,6 +486,13 @@ def _check_combinations(cfg: Config, check_paths: bool) -> None:
         raise ValueError("decode='gpu' is not accepted with device='cpu': it decodes on the training GPU. Use "
                          "decode='cpu', or device='auto' (decodes on the GPU where there is one, else falls back to "
                          "the CPU path with a warning)")
+    inapplicable = _inapplicable(cfg.to_dict())
+    if inapplicable:
+        name, instead = next(iter(inapplicable.items()))
+        raise ValueError(f"{name}={getattr(cfg, name)!r} is not accepted with {instead}")
+    if cfg.width_multiplier != 1 and not cfg.arch.startswith("small_"):
+        raise ValueError(f"width_multiplier={cfg.width_multiplier} is not accepted with arch={cfg.arch!r}: it widens "
+                         "the small ResNets only (it would be ignored); use width_multiplier=1")
     if cfg.arch.startswith("small_") and cfg.dataset == "imagenet":
         raise ValueError(f"arch={cfg.arch!r} is for 28-32 px images, not dataset='imagenet'; use resnet50..resnet638")
     if cfg.adv_ratio == 1 and (cfg.train_steps == 0 or cfg.train_step == 0 or cfg.train_eps == 0):

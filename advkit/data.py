@@ -19,6 +19,7 @@ import gzip
 import io
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# images per split, known without reading the disk (ImageNet: whatever its folders hold)
+SPLIT_SIZES: dict[str, dict[str, int]] = {"fashion-mnist": {"train": 60000, "test": 10000},
+                                          "cifar10": {"train": 50000, "test": 10000}}
 
 
 def default_root() -> Path:
@@ -69,8 +73,10 @@ def prepare_fashion_mnist(
 ) -> Path:
     """Make ``<root>/FashionMNIST/raw`` hold the four uncompressed idx files; return that folder.
 
-    Idempotent. Sources, in order: the Debian package's files in ``system_dir``, then torchvision's downloader
-    (``download=True``). Raises FileNotFoundError naming both ways when neither works.
+    Idempotent, and safe in several processes at once: each writes its own temporary file and renames it into
+    place, so a reader sees no file or a complete one. Sources, in order: the Debian package's files in
+    ``system_dir``, then torchvision's downloader (``download=True``). Raises FileNotFoundError naming both ways
+    when neither works.
     """
     root = Path(root) if root is not None else default_root()
     raw = root / "FashionMNIST" / "raw"
@@ -80,10 +86,15 @@ def prepare_fashion_mnist(
     if all((system_dir / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
         raw.mkdir(parents=True, exist_ok=True)
         for name in FASHION_MNIST_FILES:
-            partial = raw / f"{name}.partial"
-            with gzip.open(system_dir / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.replace(raw / name)
+            with gzip.open(system_dir / f"{name}.gz", "rb") as src, tempfile.NamedTemporaryFile(
+                    dir=raw, prefix=f".{name}.", suffix=".partial", delete=False) as dst:
+                try:
+                    shutil.copyfileobj(src, dst)
+                except BaseException:
+                    os.unlink(dst.name)
+                    raise
+            os.chmod(dst.name, 0o644)  # a temporary file is private (0600); the data root may be shared
+            os.replace(dst.name, raw / name)
         return raw
     error = None
     if download:
@@ -160,6 +171,14 @@ def subset_indices(total: int, n: int | None, seed: int) -> torch.Tensor:
         return torch.arange(total)
     check_range("n", n, 1, total, integer=True)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def _check_subset_size(name: str, split: str, n: int | None, total: int) -> None:
+    """A subset larger than the split, named with the run parameters that set ``n``."""
+    if isinstance(n, int) and not isinstance(n, bool) and n > total:
+        params = "n_train" if split == "train" else "n_test, sanity_n or eval_autoattack_n"
+        raise ValueError(f"n={n} is not accepted for the {'training' if split == 'train' else 'test'} split of "
+                         f"{DATA_NAMES[name]} ({total} images; a run's {params}): it must lie in [1, {total}]")
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -402,6 +421,7 @@ def make_loader(
         root = root if root is not None else default_root() / "imagenet"
         ds = imagenet_dataset(root, split, augment) if decode_device is None else encoded_imagenet(root, split)
         if n is not None:
+            _check_subset_size(name, split, n, len(ds))
             ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
         sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
@@ -411,6 +431,7 @@ def make_loader(
                             collate_fn=None if decode_device is None else collate_encoded)
         return loader if decode_device is None else DecodingLoader(loader, decode_device, augment, seed)
     images, labels = load_tensors(name, split, root, download=download)
+    _check_subset_size(name, split, n, len(labels))
     keep = subset_indices(len(labels), n, seed)
     ds = TensorImages(images[keep], labels[keep], crop_padding=4 if (augment and name == "cifar10") else 0, seed=seed)
     sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)

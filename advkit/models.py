@@ -96,8 +96,9 @@ def resnet(
         if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
             raise ValueError(f"blocks={blocks!r} is not accepted; give 4 positive block counts, one per stage")
     net = ResNet(Bottleneck, list(blocks), num_classes=num_classes, norm_layer=norm_layer(norm, gn_groups))
-    if in_channels != 3:
+    if in_channels != 3:  # torchvision initialised the replaced conv1 (Kaiming); the new one alike
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     if zero_init_residual:
         _zero_init_last_norm(net)
     return net
@@ -168,6 +169,9 @@ def build_model(
         net = small_resnet(depth, num_classes, norm, in_channels=in_channels, width_multiplier=width_multiplier,
                            gn_groups=gn_groups, zero_init_residual=zero_init_residual)
     else:
+        if width_multiplier != 1:
+            raise ValueError(f"width_multiplier={width_multiplier} applies to the small ResNets only, not "
+                             f"arch={arch!r}")
         net = resnet(depth, num_classes, norm, blocks=blocks, in_channels=in_channels, gn_groups=gn_groups,
                      zero_init_residual=zero_init_residual)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))

@@ -314,3 +314,40 @@ def test_ranks_and_loader_workers_draw_their_own_crops(monkeypatch, workers):
     assert len(rank0) == 4 and not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
     assert len({b.numpy().tobytes() for b in rank0}) == 4  # no batch repeats another's crops
     assert all(torch.equal(a, b) for a, b in zip(rank0, batches(0)))  # and a rank's epoch is reproducible
+
+
+def _prepare(root, system, barrier):
+    barrier.wait()
+    data.prepare_fashion_mnist(root, system_dir=system, download=False)
+
+
+def test_concurrent_preparers_of_a_fresh_root_both_succeed_with_complete_files(tmp_path):
+    """Every process wrote the same '<name>.partial' and renamed it: the second one died (FileNotFoundError) or
+    a reader saw a file another process was still writing."""
+    import multiprocessing
+
+    system = tmp_path / "system"
+    _write_fake_fashion_mnist(system, n=3000)
+    expected = {name: gzip.decompress((system / f"{name}.gz").read_bytes()) for name in data.FASHION_MNIST_FILES}
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(4):
+        root = tmp_path / f"root{attempt}"
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_prepare, args=(root, system, barrier)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0], f"attempt {attempt}"
+        raw = root / "FashionMNIST" / "raw"
+        assert sorted(p.name for p in raw.iterdir()) == sorted(data.FASHION_MNIST_FILES)  # no temporary left
+        assert {name: (raw / name).read_bytes() for name in data.FASHION_MNIST_FILES} == expected
+        assert all((raw / name).stat().st_mode & 0o444 == 0o444 for name in data.FASHION_MNIST_FILES)
+
+
+def test_a_subset_larger_than_the_split_names_the_runs_parameters():
+    with pytest.raises(ValueError, match=r"n=20000 is not accepted for the test split of Fashion-MNIST \(10000 "
+                                         r"images; a run's n_test, sanity_n or eval_autoattack_n\)"):
+        data.make_loader("fashion-mnist", "test", 8, n=20000)
+    with pytest.raises(ValueError, match=r"n=70000 is not accepted for the training split .*n_train"):
+        data.make_loader("fashion-mnist", "train", 8, n=70000)

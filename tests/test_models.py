@@ -100,3 +100,16 @@ def test_zero_init_of_the_last_norm_in_each_block_follows_the_config(arch, datas
              if isinstance(b, (Bottleneck, BasicBlock))]
     assert lasts and cfg.zero_init is zero
     assert all(bool((bn.weight == 0).all()) is zero for bn in lasts)
+
+
+def test_an_imagenet_resnets_replaced_first_conv_gets_kaiming_init():
+    """in_channels != 3 replaced conv1 after torchvision's init: it kept PyTorch's default (std ~0.08)."""
+    torch.manual_seed(0)
+    net = models.resnet(50, 10, in_channels=1, zero_init_residual=False)
+    expected = (2 / (64 * 7 * 7)) ** 0.5  # Kaiming normal, fan_out, ReLU
+    assert abs(net.conv1.weight.std().item() - expected) < 0.1 * expected
+
+
+def test_width_multiplier_is_refused_for_the_imagenet_resnets():
+    with pytest.raises(ValueError, match=r"width_multiplier=2 applies to the small ResNets only"):
+        models.build_model("resnet50", 10, width_multiplier=2)

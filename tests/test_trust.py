@@ -87,6 +87,8 @@ def test_weights_digest_sees_every_parameter_and_buffer():
 def test_an_explicit_notebook_parameter_always_wins(preset, name, value):
     """Defect 4: a value equal to the notebook's default counted as 'not given' and the preset's replaced it."""
     extra = dict(warmup_epochs=1, lr_decay_epochs=[1]) if preset == "paper" else {}
+    if name == "lr_decay_epochs":
+        extra["schedule"] = "step"  # the demo preset's cosine schedule would ignore lr_decay_epochs (refused)
     cfg = config.config_from_parameters({"preset": preset, name: value, "dataset": "fashion-mnist",
                                          "arch": "small_resnet8", "batch_size": 64, **extra})
     assert getattr(cfg, name) == value
