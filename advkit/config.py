@@ -285,10 +285,12 @@ class ResumeConflict(ValueError):
     """A resume that would change what the run is trained with; the message names the parameters."""
 
 
-# What may differ between a run and its resumption: where things live, how it is evaluated and logged, and
-# nothing that changes the weights of the epochs already trained.
-RESUME_FREE = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
-               "decode", "attack_compile", "sanity_n", "bnstats_channels", "bnstats_layer", "device", "tensorboard")
+# Where a run and its data live, and how it runs: they change neither its weights nor what it writes.
+WHERE_AND_HOW = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
+                 "decode", "attack_compile", "device")
+# What may differ between a run and its resumption: the above, how it is evaluated and logged, and nothing that
+# changes the weights of the epochs already trained.
+RESUME_FREE = WHERE_AND_HOW + ("sanity_n", "bnstats_channels", "bnstats_layer", "tensorboard")
 # Besides ``eval_*``: parameters that change only the evaluation, so a finished run is evaluated again with them.
 EVALUATION_ONLY = ("n_test",)
 

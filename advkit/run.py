@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data, distributed, external, norm, tblog
 from .bnstats import bnstats_for_run
-from .config import Config, ResumeConflict, config_from_file, resume_conflicts, validate
+from .config import WHERE_AND_HOW, Config, ResumeConflict, config_from_file, resume_conflicts, validate
 from .device import environment, resolve_rank_device
 from .evaluate import evaluate_model, sanity_table
 from .rundir import RunDir, load_checkpoint
@@ -54,11 +54,6 @@ def check_source_finished(init_checkpoint: str) -> None:
     if state != "done":
         raise ValueError(f"init_checkpoint={init_checkpoint!r} is not accepted: the run in that folder is not "
                          f"finished (state {state!r}); finish it first, or give a checkpoint file")
-
-
-# parameters that change neither what is trained nor what a run writes: where it and its data live, and how it runs
-WHERE_AND_HOW = ("name", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
-                 "decode", "attack_compile", "device")
 
 
 def outputs_differ(saved: dict[str, Any], cfg: Config) -> list[str]:
