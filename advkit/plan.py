@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from .rundir import DamagedFile, RunDir
-from .sweep import Point
+from .sweep import Point, usable_cores
 
 
 def point_key(name: str) -> str:
@@ -62,7 +62,7 @@ def plan(points: list[Point]) -> list[dict]:
 def print_plan(rows: list[dict], cores: int | None = None) -> None:
     """The plan as a table and its totals: core-hours spent, core-hours left (estimated) and about how many
     wall-hours that is on ``cores`` cores (default: this machine's), and the points no estimate covers."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     width = max((len(r["run"]) for r in rows), default=3)
     print(f"{'run':<{width}}  {'state':<11}  core-min  from")
     for r in rows:

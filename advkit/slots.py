@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .rundir import RunDir
-from .sweep import Point, load_sweep, report, run_points, up_to_date
+from .sweep import Point, load_sweep, report, run_points, up_to_date, usable_cores
 from .validate import check_range
 
 # a started point's check: None while it runs, "" once it succeeded, else why it failed
@@ -47,8 +47,26 @@ def parse_gpus(text: str) -> list[str]:
     return [str(int(slot)) for slot in slots]
 
 
+def visible_devices(slots: list[str]) -> dict[str, str]:
+    """What each ``--gpus`` index becomes in a point's ``CUDA_VISIBLE_DEVICES``: the index itself, or, where this
+    process already sees a subset (a SLURM allocation: ``CUDA_VISIBLE_DEVICES=4,5,6,7``), that subset's entry, so
+    ``--gpus 0,1`` stays on the allocation's first two devices. ValueError naming ``--gpus`` for an index the
+    subset does not have."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not inherited:
+        return {slot: slot for slot in slots}
+    seen = [device.strip() for device in inherited.split(",")]
+    for slot in slots:
+        if int(slot) >= len(seen):
+            raise ValueError(f"--gpus={','.join(slots)} is not accepted: index {slot} is beyond the devices this "
+                             f"process sees (CUDA_VISIBLE_DEVICES={inherited}: indices 0-{len(seen) - 1})")
+    return {slot: seen[int(slot)] for slot in slots}
+
+
 def check_devices(points: list[Point], slots: list[str]) -> None:
-    """Refuse, before anything runs, a point that asks for more GPUs (``gpus``) than ``slots`` has devices."""
+    """Refuse, before anything runs, a point that asks for more GPUs (``gpus``) than ``slots`` has devices, and
+    a slot this process cannot see (:func:`visible_devices`)."""
+    visible_devices(slots)
     devices = len(set(slots))
     for point in points:
         if point.config.gpus > devices:
@@ -190,12 +208,14 @@ def run_slots(path: str | Path, gpus: str, kernel: str | None = None, threads: i
         check_range("threads", threads, 1, integer=True)
     points = load_sweep(path)
     check_devices(points, slots)
-    threads = threads or max(1, (os.cpu_count() or 1) // len(slots))
+    threads = threads or max(1, usable_cores() // len(slots))
+    physical = visible_devices(slots)
 
     def start(batch: list[tuple[Point, list[str]]]) -> list[Check]:
         checks = []
         for point, devices in batch:
-            env = os.environ | {"CUDA_VISIBLE_DEVICES": ",".join(devices), "OMP_NUM_THREADS": str(threads),
+            env = os.environ | {"CUDA_VISIBLE_DEVICES": ",".join(physical[d] for d in devices),
+                                "OMP_NUM_THREADS": str(threads),
                                 "MKL_NUM_THREADS": str(threads)}
             print(f"[sweep] start {point.config.name} on device(s) {','.join(devices)}", flush=True)
             checks.append(_process_check(subprocess.Popen(point_command(path, point.config.name, kernel), env=env)))

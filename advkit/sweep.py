@@ -467,6 +467,13 @@ def _signal_name(number: int) -> str:
         return "unknown signal"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation, taskset), not the machine's."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_shards(path: str | Path, jobs: int, kernel: str | None = None) -> int:
     """``advkit sweep FILE --jobs N``: N shard processes at once, the cores split between them (small models
     train faster as several one-thread processes than as one process with several threads). Returns 0 only if
@@ -478,7 +485,7 @@ def run_shards(path: str | Path, jobs: int, kernel: str | None = None) -> int:
 
     check_range("jobs", jobs, 1, integer=True)
     points = load_sweep(path)  # every point validated before anything starts
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    threads = str(max(1, usable_cores() // jobs))
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = [sys.executable, "-m", "advkit.cli", "sweep", str(path)] + (["--kernel", kernel] if kernel else [])
     processes = [subprocess.Popen(command + ["--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]

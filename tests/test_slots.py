@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -200,10 +201,12 @@ if name == "broken":
 """
 
 
-def test_slot_processes_see_their_device_and_a_failing_one_does_not_stop_the_others(tmp_path, capfd):
+def test_slot_processes_see_their_device_and_a_failing_one_does_not_stop_the_others(tmp_path, capfd, monkeypatch):
     """Each point's process gets CUDA_VISIBLE_DEVICES of its slot (on this CPU-only machine too) and cores/slots
     threads; a point that fails is listed, the others finish, and the status is 1."""
     import nbformat
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -212,13 +215,47 @@ def test_slot_processes_see_their_device_and_a_failing_one_does_not_stop_the_oth
     f = _sweep_file(tmp_path, [{"name": n} for n in ("a", "broken", "b")], base={"preset": "test"},
                     notebook=str(tmp_path / "stand-in.ipynb"))
     assert cli.main(["sweep", str(f), "--gpus", "0,1"]) == 1
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     seen = {n: (tmp_path / "runs" / n / "slot.txt").read_text() for n in ("a", "broken", "b")}
     assert seen["a"] == f"0 {threads}" and seen["broken"] == f"1 {threads}"
     assert seen["b"] in (f"0 {threads}", f"1 {threads}")
     out = capfd.readouterr().out
     assert "[sweep] FAILED broken: see" in out and "[sweep] 2 done, 0 skipped, 1 failed" in out
     assert rundir.RunDir(tmp_path / "runs" / "b").finished()
+
+
+class _FakeProcess:
+    """A started point's process that has already exited 0 (what ``subprocess.Popen`` returns), recording its env."""
+    envs: list[dict] = []
+
+    def __init__(self, command, env=None, **kwargs):
+        _FakeProcess.envs.append(env)
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_slots_stay_inside_the_devices_and_cores_this_process_was_given(tmp_path, monkeypatch):
+    """Inside an allocation (CUDA_VISIBLE_DEVICES=4,5,6,7; affinity 1 core of 8), --gpus 0,1 runs on devices 4
+    and 5 with one thread each, and an index the allocation lacks is refused before any process starts."""
+    f = _sweep_file(tmp_path, [{"name": n} for n in ("a", "b")], base={"preset": "test"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(subprocess, "Popen", _FakeProcess)
+    _FakeProcess.envs = []
+    slots.run_slots(f, "0,1")
+    assert sorted(env["CUDA_VISIBLE_DEVICES"] for env in _FakeProcess.envs) == ["4", "5"]
+    assert {env["OMP_NUM_THREADS"] for env in _FakeProcess.envs} == {"1"}
+    _FakeProcess.envs = []
+    with pytest.raises(ValueError, match=r"--gpus=0,4 is not accepted: index 4 is beyond .*indices 0-3"):
+        slots.run_slots(f, "0,4")
+    assert _FakeProcess.envs == []
+    assert sweep.run_shards(f, 2) == 1  # the fake processes ran nothing
+    assert {env["OMP_NUM_THREADS"] for env in _FakeProcess.envs} == {"1"}  # 1 usable core: not 8 // 2
 
 
 # ---------------------------------------------------------------- --slurm options
