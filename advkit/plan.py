@@ -13,8 +13,9 @@ from .sweep import Point, usable_cores
 
 
 def point_key(name: str) -> str:
-    """A run's point: its name without the ``-seed<k>`` tag of a grid (seeds of one point cost alike)."""
-    return re.sub(r"-seed\d+(?=-|$)", "", name)
+    """A run's point: its name without the ``seed<k>`` tag of a grid (seeds of one point cost alike); a sweep of
+    seeds alone (runs ``seed0``, ``seed1``, ...) is one point, ``''``."""
+    return re.sub(r"(?:^|-)seed\d+(?=-|$)", "", name)
 
 
 PAUSED = 3.0  # an epoch over 3x the run's median epoch was paused or stopped: it counts as the median

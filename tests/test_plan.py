@@ -67,3 +67,10 @@ def test_plan_and_check_together_are_refused(sweep_file, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["sweep", str(sweep_file), "--plan", "--check"])
     assert exc.value.code == 2 and "--check and --plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run, key", [("adv-seed3", "adv"), ("adv-seed3-archsmall_resnet20", "adv-archsmall_resnet20"),
+                                      ("seed3", ""), ("seed3-lr0.1", "-lr0.1"), ("reseed3", "reseed3")])
+def test_seeds_of_one_point_share_its_key_also_in_a_sweep_of_seeds_alone(run, key):
+    assert plan.point_key(run) == key
+
