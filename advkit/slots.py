@@ -218,7 +218,12 @@ def run_slots(path: str | Path, gpus: str, kernel: str | None = None, threads: i
                                 "OMP_NUM_THREADS": str(threads),
                                 "MKL_NUM_THREADS": str(threads)}
             print(f"[sweep] start {point.config.name} on device(s) {','.join(devices)}", flush=True)
-            checks.append(_process_check(subprocess.Popen(point_command(path, point.config.name, kernel), env=env)))
+            try:
+                process = subprocess.Popen(point_command(path, point.config.name, kernel), env=env)
+            except OSError as exc:  # this point only: the batch's started processes run on, tracked
+                checks.append(lambda reason=f"not started: {type(exc).__name__}: {exc}": reason)
+                continue
+            checks.append(_process_check(process))
         return checks
 
     outcome = schedule(points, start, slots, poll_s)

@@ -258,6 +258,28 @@ def test_slots_stay_inside_the_devices_and_cores_this_process_was_given(tmp_path
     assert {env["OMP_NUM_THREADS"] for env in _FakeProcess.envs} == {"1"}  # 1 usable core: not 8 // 2
 
 
+def test_a_point_whose_process_cannot_start_fails_alone_and_the_started_ones_stay_tracked(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """One batch starts a, b and c at once; b's Popen raises (e.g. too many open files). Only b is reported
+    failed; a and c were started and are tracked to their end (here: exited 0)."""
+    f = _sweep_file(tmp_path, [{"name": n} for n in ("a", "b", "c")], base={"preset": "test"})
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    started = []
+
+    def popen(command, env=None, **kwargs):
+        if command[command.index("--point") + 1] == "b":
+            raise OSError(24, "Too many open files")
+        started.append(command[command.index("--point") + 1])
+        return _FakeProcess(command, env)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    outcome = slots.run_slots(f, "0,1,2")
+    reasons = {name: reason for name, _, reason in outcome["failed"]}
+    assert started == ["a", "c"]
+    assert reasons["b"].startswith("not started: OSError") and "Too many open files" in reasons["b"]
+    assert set(reasons) == {"b"} and sorted(outcome["done"]) == ["a", "c"]  # started: their own outcome (exit 0)
+
+
 # ---------------------------------------------------------------- --slurm options
 
 @pytest.mark.parametrize("text, message", [
