@@ -208,10 +208,17 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
         checks = {}
         for gpus in sorted({point.config.gpus for point, _ in batch}):
             group = [point for point, _ in batch if point.config.gpus == gpus]
-            executor.update_parameters(gpus_per_node=0 if options.get("gpus_per_node") == 0 else gpus)
-            with executor.batch():
-                jobs = [executor.submit(PointJob(point_command(path, p.config.name, kernel), gpus, stop_timeout_s))
-                        for p in group]
+            try:
+                executor.update_parameters(gpus_per_node=0 if options.get("gpus_per_node") == 0 else gpus)
+                with executor.batch():
+                    jobs = [executor.submit(PointJob(point_command(path, p.config.name, kernel), gpus,
+                                                     stop_timeout_s)) for p in group]
+            except Exception as exc:  # this group's array only (sbatch refused it): the others' jobs stay tracked
+                lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+                for p in group:
+                    checks[p.config.name] = lambda reason=f"not started: {type(exc).__name__}: {lines[-1].strip()}": \
+                        reason
+                continue
             for point, job in zip(group, jobs):
                 print(f"[sweep] submitted {point.config.name} as job {job.job_id}; log: {job.paths.stdout}",
                       flush=True)

@@ -3,6 +3,7 @@ the slot scheduler with a stand-in launcher (assignment, ordering of finetuning 
 multi-GPU points), real slot processes, submitit's local executor with a pre-empted and requeued point, and the
 demo's five strategies giving the same results serially, in slots and as submitit jobs."""
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -302,6 +304,41 @@ def test_bad_slurm_options_are_refused_naming_the_key_before_anything_is_submitt
     assert cli.main(["sweep", str(f), "--slurm", text]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+class _FakeExecutor:
+    """submitit's executor where sbatch refuses the array of 2-GPU jobs; the 1-GPU jobs succeed at once."""
+
+    def __init__(self):
+        self.gpus, self.submitted = None, []
+
+    def update_parameters(self, gpus_per_node=None, **kwargs):
+        self.gpus = gpus_per_node
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+        if self.gpus == 2:
+            raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is not available")
+
+    def submit(self, job):
+        self.submitted.append((self.gpus, job.command[job.command.index("--point") + 1]))
+        return types.SimpleNamespace(job_id=str(len(self.submitted)), paths=types.SimpleNamespace(stdout="log"),
+                                     done=lambda: True, exception=lambda: None)
+
+
+def test_an_array_sbatch_refuses_fails_its_points_alone_and_the_submitted_ones_stay_tracked(tmp_path, monkeypatch):
+    """One batch holds 1-GPU points (one array) and a 2-GPU point (another); sbatch refuses the second array. Only
+    its point is reported failed; the first array's jobs were submitted and end as theirs end."""
+    f = _sweep_file(tmp_path, [{"name": "a"}, {"name": "big", "gpus": 2}, {"name": "c"}],
+                    base={"preset": "test", "device": "auto"})
+    executor = _FakeExecutor()
+    monkeypatch.setattr(slurm, "make_executor", lambda options, folder: executor)
+    outcome = slurm.run_slurm(f, "timeout_min=60,cluster=local", poll_s=0.01)
+    reasons = {name: reason for name, _, reason in outcome["failed"]}
+    assert [name for gpus, name in executor.submitted if gpus == 1] == ["a", "c"]
+    assert set(reasons) == {"big"} and "Requested node configuration is not available" in reasons["big"]
+    assert sorted(outcome["done"]) == ["a", "c"]
 
 
 def test_slurm_options_map_to_the_job_script_and_are_checked_against_the_points(tmp_path, monkeypatch):
