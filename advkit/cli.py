@@ -55,15 +55,11 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _check_sweep(args: argparse.Namespace, shard: int, shards: int) -> int:
     """``--check``: validate the file (and --gpus or --slurm with its points), make every point's preflight
     (:func:`advkit.sweep.preflight`) and list the points; run nothing."""
-    from .sweep import load_sweep, preflight, shard_points
+    from .sweep import load_sweep, point_named, preflight, shard_points
 
     points = shard_points(load_sweep(args.file), shard, shards)
     if args.point is not None:
-        chosen = [p for p in points if p.config.name == args.point]
-        if not chosen:
-            raise ValueError(f"--point={args.point!r} is not accepted: {args.file} has no point of that name; its "
-                             f"points: {[p.config.name for p in points]}")
-        points = chosen
+        points = [point_named(points, args.point, args.file)]
     if args.gpus is not None:
         from .slots import check_devices, parse_gpus
 

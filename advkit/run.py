@@ -42,9 +42,10 @@ def _check_inputs(cfg: Config) -> distributed.Context:
 def check_source_finished(init_checkpoint: str) -> None:
     """Raise ValueError naming ``init_checkpoint`` if it is a run folder whose run is not finished now (still
     training, failed, interrupted) or that another process holds: its checkpoint is not the final model, and a
-    finetuning run (Section 4.4) started from it would silently build on partial weights. A file is taken as is."""
+    finetuning run (Section 4.4) started from it would silently build on partial weights. A file is taken as is;
+    a path that does not exist is a run folder not yet started."""
     source = RunDir(init_checkpoint)
-    if not source.path.is_dir():
+    if source.path.is_file():
         return
     holder = source.locked_by_other()
     if holder is not None:

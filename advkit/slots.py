@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .rundir import RunDir
-from .sweep import Point, load_sweep, report, run_points, up_to_date, usable_cores
+from .sweep import Point, load_sweep, point_named, report, run_points, up_to_date, usable_cores
 from .validate import check_range
 
 # a started point's check: None while it runs, "" once it succeeded, else why it failed
@@ -126,13 +126,19 @@ def _ready(point: Point, failed: set[str], succeeded: set[str], deferred: set[st
     return True
 
 
+def not_started(exc: BaseException) -> str:
+    """The failure reason of a point whose process or job could not start: the error's type and last line (a
+    scheduler's message ends with what it refused)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+    return f"not started: {type(exc).__name__}: {lines[-1].strip()}"
+
+
 def _started(start: Start, batch: list[tuple[Point, list[str]]]) -> list[Check]:
     """``start(batch)``; if it raises (e.g. sbatch refuses the job), a check per point that reports why."""
     try:
         return start(batch)
     except Exception as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
-        reason = f"not started: {type(exc).__name__}: {lines[-1].strip()}"
+        reason = not_started(exc)
         return [lambda: reason for _ in batch]
 
 
@@ -221,7 +227,7 @@ def run_slots(path: str | Path, gpus: str, kernel: str | None = None, threads: i
             try:
                 process = subprocess.Popen(point_command(path, point.config.name, kernel), env=env)
             except OSError as exc:  # this point only: the batch's started processes run on, tracked
-                checks.append(lambda reason=f"not started: {type(exc).__name__}: {exc}": reason)
+                checks.append(lambda reason=not_started(exc): reason)
                 continue
             checks.append(_process_check(process))
         return checks
@@ -270,14 +276,10 @@ def run_point(path: str | Path, name: str, kernel: str | None = None) -> int:
     """``advkit sweep FILE --point NAME``: run that one point as the serial sweep does (skipped if finished, resumed
     from its checkpoint if it has one); 0 if it finished. A SIGTERM (a cluster stopping the job, or submitit's
     checkpoint) reaches the run's training, which writes a checkpoint before the process ends."""
-    points = load_sweep(path)
-    chosen = [p for p in points if p.config.name == name]
-    if not chosen:
-        raise ValueError(f"--point={name!r} is not accepted: {path} has no point of that name; its points: "
-                         f"{[p.config.name for p in points]}")
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _pass_sigterm(chosen[0].config.run_dir))
+    point = point_named(load_sweep(path), name, path)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _pass_sigterm(point.config.run_dir))
     try:
-        outcome = run_points(chosen, kernel, progress=False)
+        outcome = run_points([point], kernel, progress=False)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for name, notebook, error in outcome["failed"]:

@@ -194,7 +194,7 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
     """``advkit sweep FILE --slurm key=value,...``: every unfinished point as a submitit job (see the module's
     text); the options and every point are checked before anything is submitted. Waits for the jobs and returns
     {'done', 'skipped', 'failed'} like :func:`advkit.sweep.run_sweep`."""
-    from .slots import point_command, schedule
+    from .slots import not_started, point_command, schedule
     from .sweep import load_sweep, report
 
     options = parse_slurm(slurm)
@@ -214,10 +214,8 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
                     jobs = [executor.submit(PointJob(point_command(path, p.config.name, kernel), gpus,
                                                      stop_timeout_s)) for p in group]
             except Exception as exc:  # this group's array only (sbatch refused it): the others' jobs stay tracked
-                lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
                 for p in group:
-                    checks[p.config.name] = lambda reason=f"not started: {type(exc).__name__}: {lines[-1].strip()}": \
-                        reason
+                    checks[p.config.name] = lambda reason=not_started(exc): reason
                 continue
             for point, job in zip(group, jobs):
                 print(f"[sweep] submitted {point.config.name} as job {job.job_id}; log: {job.paths.stdout}",

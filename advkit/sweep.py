@@ -366,16 +366,25 @@ def _source_ready(point: Point, failed: set[str], elsewhere: list[Point], outcom
         print(f"[sweep] {name} waits for {source}, which another process holds", flush=True)
         return False
     else:
-        folder = RunDir(point.config.init_checkpoint)
-        holder = folder.locked_by_other()
-        state = folder.state()
-        if holder is None and state == "done":
+        from .run import check_source_finished
+
+        try:
+            check_source_finished(point.config.init_checkpoint)
             return True
-        reason = (f"not run: the point it starts from, {source}, is in use by {holder}" if holder is not None else
-                  f"not run: the point it starts from, {source}, is not finished (state {state!r})")
+        except ValueError as exc:
+            reason = f"not run: the point it starts from, {source}: {exc}"
     outcome["failed"].append((name, "", reason))
     failed.add(name)
     return False
+
+
+def point_named(points: list[Point], name: str, path: str | Path) -> Point:
+    """The point of sweep file ``path`` called ``name`` (``--point NAME``); ValueError listing the file's points."""
+    chosen = [p for p in points if p.config.name == name]
+    if not chosen:
+        raise ValueError(f"--point={name!r} is not accepted: {path} has no point of that name; its points: "
+                         f"{[p.config.name for p in points]}")
+    return chosen[0]
 
 
 def preflight(points: list[Point]) -> None:

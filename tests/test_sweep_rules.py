@@ -2,6 +2,8 @@
 asks for more, a killed kernel leaving no record, and CLI input that gave tracebacks or rc 0."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -116,8 +118,12 @@ def test_a_finetuning_point_is_not_run_when_its_source_failed_or_is_unfinished(t
     assert not (tmp_path / "runs" / "ft").exists() and outcome["done"] == []
     rundir.RunDir(tmp_path / "runs" / "src").write_status("interrupted")  # alone, as --point runs it
     outcome = sweep.run_points(points[1:], progress=False)
-    assert outcome["failed"][0][2] == ("not run: the point it starts from, src, is not finished (state "
-                                       "'interrupted')")
+    assert re.fullmatch(r"not run: the point it starts from, src: init_checkpoint='.*src' is not accepted: the "
+                        r"run in that folder is not finished \(state 'interrupted'\); .*", outcome["failed"][0][2])
+    shutil.rmtree(tmp_path / "runs" / "src")  # never run at all
+    outcome = sweep.run_points(points[1:], progress=False)
+    assert "is not finished (state 'unknown')" in outcome["failed"][0][2], outcome
+    assert not (tmp_path / "runs" / "ft").exists()
 
 
 # ---------------------------------------------------------------- 2. a finished run the file now asks more of
