@@ -195,21 +195,20 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     return out
 
 
-def seed_worker_crops(worker_id: int) -> None:
-    """A loader worker's ``worker_init_fn``: its copy of the data set draws its own crops, seeded from the worker's
-    seed (the loader's generator, which the trainer reseeds per epoch and rank, plus the worker's id); without it
-    every worker starts from the same forked generator and W consecutive batches repeat the same crops."""
-    info = torch.utils.data.get_worker_info()
-    if hasattr(info.dataset, "generator"):
-        info.dataset.generator.manual_seed(info.seed)
+def draw_seed(epoch_seed: int, index: int) -> int:
+    """The seed of the random augmentation of the sample (or batch) at ``index``: a function of the epoch's seed
+    (per run seed, epoch and rank: the trainer sets it) and the index alone, so the crops do not depend on which
+    loader worker draws them, on how many there are, or on whether the run was resumed."""
+    return (epoch_seed * 1_000_003 + index) % 2**63
 
 
 class TensorImages(Dataset):
-    """uint8 images and labels in memory, indexed by a whole list of indices at once (one gather per batch)."""
+    """uint8 images and labels in memory, indexed by a whole list of indices at once (one gather per batch); with
+    ``crop_padding``, each batch's crops and flips are seeded by :func:`draw_seed` of its first index."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop_padding: int = 0, seed: int = 0) -> None:
         self.images, self.labels, self.crop_padding = images, labels, crop_padding
-        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_seed = seed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -217,8 +216,25 @@ class TensorImages(Dataset):
     def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[index]
         if self.crop_padding:
-            images = random_crop_flip(images, self.crop_padding, self.generator)
+            generator = torch.Generator().manual_seed(draw_seed(self.epoch_seed, int(index[0])))
+            images = random_crop_flip(images, self.crop_padding, generator)
         return images, self.labels[index]
+
+
+class SeededDraws(Dataset):
+    """A data set whose per-sample transforms draw from torch's global random state (torchvision's), each sample
+    seeded by :func:`draw_seed` of its index (the global state outside is left as it was)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.epoch_seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.epoch_seed, index))
+            return self.dataset[index]
 
 
 def _imagenet_folder(root: str | Path, split: str) -> Path:
@@ -407,7 +423,8 @@ def make_loader(
     cuda; a ValueError when no CUDA device is visible; ``device='cpu'`` runs the same code on the CPU, as the
     tests do), yielding the same uint8 batches, already on ``device``. Workers start afresh each epoch, seeded
     from the loader's generator (the trainer reseeds it per epoch), so an epoch's augmentations do not depend on
-    the epochs before it; ``persistent_workers`` keeps them alive instead (throughput benchmarks).
+    the epochs before it; ``persistent_workers`` keeps them alive instead (throughput benchmarks; their crops keep
+    the first epoch's seed).
     """
     check_choice("dataset", name, list(DATASETS))
     _check_split(split)
@@ -423,6 +440,8 @@ def make_loader(
         if n is not None:
             _check_subset_size(name, split, n, len(ds))
             ds = Subset(ds, subset_indices(len(ds), n, seed).tolist())
+        if decode_device is None and augment:
+            ds = SeededDraws(ds, seed)
         sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                             pin_memory=torch.cuda.is_available() and decode_device is None,
@@ -437,7 +456,7 @@ def make_loader(
     sampler = DistributedSampler(ds, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker_crops)
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device | str,

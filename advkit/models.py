@@ -187,10 +187,15 @@ def count_layers(model: nn.Module) -> int:
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of every parameter and buffer: names, dtypes, shapes and values. It names the
     exact state a number was computed from, so saved evaluation results are reused only for the same weights."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """:func:`weights_digest` of a state dict (a checkpoint's ``model``), without building the model."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

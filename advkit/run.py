@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import data, distributed, external, norm, tblog
+from . import data, distributed, external, models, norm, tblog
 from .bnstats import bnstats_for_run
 from .config import WHERE_AND_HOW, Config, ResumeConflict, config_from_file, resume_conflicts, validate
 from .device import environment, resolve_rank_device
@@ -57,6 +57,24 @@ def check_source_finished(init_checkpoint: str) -> None:
                          f"finished (state {state!r}); finish it first, or give a checkpoint file")
 
 
+def source_changed(cfg: Config, run: RunDir, checkpoint: dict[str, Any] | None = None) -> str | None:
+    """Why the run in ``run`` (started from ``cfg.init_checkpoint``) no longer belongs to that source, or None: its
+    checkpoint (``checkpoint``, else its newest) records the digest of the weights it started from, and the
+    source (a file, or a finished run folder) now holds other weights (extended, or trained again). A source not
+    there or not finished yet is not compared."""
+    source = cfg.init_checkpoint
+    if not source or not (Path(source).is_file() or RunDir(source).finished()):
+        return None
+    started_from = (checkpoint if checkpoint is not None else run.load_resume_checkpoint()).get("init_weights")
+    if started_from is None:  # written before the digest was recorded
+        return None
+    now = models.state_digest(load_checkpoint(source)["model"])
+    if now == started_from:
+        return None
+    return (f"init_checkpoint={source!r} now holds other weights (digest {now}) than the run started from "
+            f"({started_from}): the source was extended or trained again since")
+
+
 def outputs_differ(saved: dict[str, Any], cfg: Config) -> list[str]:
     """The parameters (``name: saved -> new``) in which ``cfg`` asks a run for something other than its ``saved``
     config gave: anything but :data:`WHERE_AND_HOW` (more epochs, other evaluation, sanity checks, BN statistics,
@@ -90,6 +108,7 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Co
     if cfg.resume:
         checkpoint = run.load_resume_checkpoint()
         conflicts = resume_conflicts(checkpoint.get("config", {}), cfg)
+        conflicts += [changed] if (changed := source_changed(cfg, run, checkpoint)) else []
         if conflicts:
             raise ResumeConflict(f"resume of {run.path} is refused: these parameters differ from the ones it was "
                                  f"trained with ({'; '.join(conflicts)}); resume with the saved values, or start a "
@@ -107,8 +126,9 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context) -> tuple[Co
 
 
 def _unchanged_and_finished(cfg: Config, run: RunDir) -> bool:
-    """Whether the folder holds a finished run of exactly this configuration (where things live aside)."""
-    return run.finished() and not outputs_differ(run.config(), cfg)
+    """Whether the folder holds a finished run of exactly this configuration (where things live aside), started
+    from the weights its init_checkpoint holds now."""
+    return run.finished() and not outputs_differ(run.config(), cfg) and source_changed(cfg, run) is None
 
 
 @contextlib.contextmanager

@@ -266,8 +266,13 @@ def finished(point: Point) -> bool:
 
 def finished_differently(point: Point) -> list[str]:
     """For a finished point, the parameters in which its run differs from the sweep file as it is now (an edited
-    file): what it was trained with may not change; evaluation parameters may (the run is evaluated again)."""
-    return resume_conflicts(RunDir(point.config.run_dir).config(), point.config)
+    file): what it was trained with may not change; evaluation parameters may (the run is evaluated again). A
+    finetuning point's source must still hold the weights it started from (:func:`advkit.run.source_changed`)."""
+    from .run import source_changed
+
+    run = RunDir(point.config.run_dir)
+    conflicts = resume_conflicts(run.config(), point.config)
+    return conflicts + ([changed] if (changed := source_changed(point.config, run)) else [])
 
 
 # the kernel's own log (e.g. "Kernel is running over TCP without encryption", about its loopback connection to

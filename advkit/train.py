@@ -145,16 +145,18 @@ def _resumed_state(ckpt: dict[str, Any], model: nn.Module, ctx: distributed.Cont
 
 def _set_epoch(loader: torch.utils.data.DataLoader | data.DecodingLoader, epoch: int, seed: int, rank: int) -> None:
     """A fresh, reproducible order (and augmentation draws) for ``epoch``, as DistributedSampler does. The
-    loader's generator, which seeds its workers, is reseeded too: the epoch's worker augmentations and the global
-    random state then do not depend on whether the run was resumed."""
+    loader's generator, which seeds its workers, is reseeded, and the data set's crops are seeded from the epoch
+    and each sample's index (:func:`advkit.data.draw_seed`): an epoch's augmentations do not depend on whether the
+    run was resumed, nor on ``num_workers`` (which a resume may change)."""
     sampler = loader.sampler.sampler if isinstance(loader.sampler, torch.utils.data.BatchSampler) else loader.sampler
     sampler.set_epoch(epoch)
     inner = loader.loader if isinstance(loader, data.DecodingLoader) else loader
     epoch_seed = (seed * 100_003 + epoch) * 1_009 + rank
     inner.generator.manual_seed(epoch_seed)
-    augmenter = loader if isinstance(loader, data.DecodingLoader) else loader.dataset  # who draws the crops
-    if hasattr(augmenter, "generator"):  # each rank its own crops (workers reseed theirs: data.seed_worker_crops)
-        augmenter.generator.manual_seed(2 * epoch_seed + 1)
+    if isinstance(loader, data.DecodingLoader):  # draws each batch's crops in this process, in order
+        loader.generator.manual_seed(2 * epoch_seed + 1)
+    elif hasattr(loader.dataset, "epoch_seed"):  # each rank its own crops; workers copy it when they start
+        loader.dataset.epoch_seed = 2 * epoch_seed + 1
 
 
 # ---------------------------------------------------------------- the loop
@@ -174,6 +176,7 @@ class Loop:
     generator: torch.Generator
     sigterm: list[int]
     show_progress: bool
+    init_weights: str | None = None  # digest of the init_checkpoint weights the run started from
     step: int = 0
     totals: dict[str, float] = dataclasses.field(default_factory=dict)
     t_epoch: float = 0.0
@@ -201,6 +204,8 @@ def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | 
                                                           resumed_step) as writer:  # a SIGTERM stops at a step boundary
         loop = _set_up(cfg, RunDir(cfg.run_dir), device, ctx, init_model, sigterm, show_progress and ctx.main)
         loop.writer = writer
+        loop.init_weights = (checkpoint.get("init_weights") if checkpoint is not None else
+                             models.state_digest(init_model) if init_model is not None else None)
         start_epoch, skip, resumed_totals = _restore(loop, checkpoint) if checkpoint is not None else (0, 0, None)
         for epoch in range(start_epoch, cfg.epochs):
             _run_epoch(loop, epoch, skip, resumed_totals)
@@ -264,7 +269,7 @@ def _save(loop: Loop, epoch: int, batch_in_epoch: int) -> None:
             "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(), "epoch": epoch,
             "step": loop.step, "batch_in_epoch": batch_in_epoch, "rng": [s["rng"] for s in states],
             "totals": [s["totals"] for s in states], "rank_buffers": [s["buffers"] for s in states],
-            "config": loop.cfg.to_dict()})
+            "config": loop.cfg.to_dict(), "init_weights": loop.init_weights})
 
 
 def _run_epoch(loop: Loop, epoch: int, skip: int, resumed_totals: dict[str, float] | None) -> None:

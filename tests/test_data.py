@@ -316,6 +316,27 @@ def test_ranks_and_loader_workers_draw_their_own_crops(monkeypatch, workers):
     assert all(torch.equal(a, b) for a, b in zip(rank0, batches(0)))  # and a rank's epoch is reproducible
 
 
+def test_an_epochs_crops_do_not_depend_on_the_number_of_loader_workers(monkeypatch, tmp_path):
+    """num_workers may change on a resume (it is where-and-how, config.WHERE_AND_HOW): before, each worker drew
+    from its own seeded generator (CIFAR-10) or global state (ImageNet), so 0, 1 or 3 workers gave other crops."""
+    from advkit import train
+
+    ramp = (torch.arange(32, dtype=torch.uint8) * 8).repeat(3, 32, 1)
+    monkeypatch.setattr(data, "load_tensors", lambda *args, **kwargs: (ramp.repeat(64, 1, 1, 1),
+                                                                        torch.zeros(64, dtype=torch.long)))
+    _jpeg_folder(tmp_path, sizes=((96, 120), (130, 90)))
+
+    def batches(name, workers):
+        loader = data.make_loader(name, "train", 4, root=tmp_path, num_workers=workers, seed=3)
+        train._set_epoch(loader, 1, seed=3, rank=0)
+        return [images.numpy().tobytes() for images, _ in loader]
+
+    for name in ("cifar10", "imagenet"):
+        alone = batches(name, 0)
+        assert len(set(alone)) == len(alone) > 1  # crops vary from batch to batch
+        assert batches(name, 1) == alone and batches(name, 3) == alone, name
+
+
 def _prepare(root, system, barrier):
     barrier.wait()
     data.prepare_fashion_mnist(root, system_dir=system, download=False)

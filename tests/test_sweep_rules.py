@@ -1,6 +1,7 @@
 """The sweep review's defects: finetuning from an unfinished source, a finished run skipped although the file now
 asks for more, a killed kernel leaving no record, and CLI input that gave tracebacks or rc 0."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -124,6 +125,23 @@ def test_a_finetuning_point_is_not_run_when_its_source_failed_or_is_unfinished(t
     outcome = sweep.run_points(points[1:], progress=False)
     assert "is not finished (state 'unknown')" in outcome["failed"][0][2], outcome
     assert not (tmp_path / "runs" / "ft").exists()
+
+
+def test_a_finished_finetuning_run_is_refused_once_its_source_holds_other_weights(tmp_path, capsys):
+    f = _sweep_file(tmp_path, [{"name": "src"}, {"name": "ft", "init_checkpoint": "run:src", **FT}], base=FAST)
+    assert sweep.run_sweep(f, progress=False)["done"] == ["src", "ft"]
+    ft = rundir.RunDir(tmp_path / "runs" / "ft")
+    results = ft.results_file.read_bytes()
+    assert sweep.run_sweep(f, progress=False)["skipped"] == ["src", "ft"]  # the same source: nothing to do
+    f = _sweep_file(tmp_path, [{"name": "src", "epochs": 2}, {"name": "ft", "init_checkpoint": "run:src", **FT}],
+                    base=FAST)
+    outcome = sweep.run_sweep(f, progress=False)
+    assert outcome["done"] == ["src"], capsys.readouterr().out  # extended: its weights changed
+    assert "now holds other weights" in outcome["failed"][0][2] and outcome["failed"][0][0] == "ft"
+    assert ft.results_file.read_bytes() == results and ft.finished()  # the earlier result stays as it was
+    point = sweep.load_sweep(f)[1]
+    with pytest.raises(config.ResumeConflict, match=r"init_checkpoint='.*src' now holds other weights"):
+        run.run(dataclasses.replace(point.config, resume="auto"), show_progress=False)
 
 
 # ---------------------------------------------------------------- 2. a finished run the file now asks more of
