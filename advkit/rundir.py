@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ATTEMPT_VARIABLE = "ADVKIT_ATTEMPT"  # set by a sweep for the kernel of each notebook it executes
+
 CHECKPOINT_FORMAT = "advkit-checkpoint-1"
 RESULT_COLUMNS = ("branch", "attack", "targeted", "eps", "step", "step_rule", "restarts", "steps", "accuracy",
                   "worst_accuracy", "n", "seed")  # results.csv as run.run writes it (evaluate.curve_table)
@@ -280,7 +282,17 @@ class RunDir:
         write_atomic(path, json.dumps(value, indent=2))
 
     def write_status(self, state: str, **extra: Any) -> None:
-        self.write_json(self.status_file, {"state": state, "time": time.time(), **extra})
+        """Write ``status.json``; under a sweep it names the attempt (``$ADVKIT_ATTEMPT``) that took the folder,
+        so that the sweep tells its own run's status from one another process wrote meanwhile."""
+        attempt = {"attempt": os.environ[ATTEMPT_VARIABLE]} if os.environ.get(ATTEMPT_VARIABLE) else {}
+        self.write_json(self.status_file, {"state": state, "time": time.time(), **attempt, **extra})
+
+    def written_by(self, attempt: str) -> bool:
+        """Whether ``status.json`` was last written by the run of ``attempt`` (see :meth:`write_status`)."""
+        try:
+            return self.status().get("attempt") == attempt
+        except DamagedFile:
+            return False
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         write_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in records))

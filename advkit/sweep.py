@@ -39,7 +39,7 @@ import yaml
 
 from .config import Config, make_config, resume_conflicts
 from .paths import project_root
-from .rundir import RunDir
+from .rundir import ATTEMPT_VARIABLE, RunDir
 from .validate import check_choice, check_range
 
 SWEEP_KEYS = ("notebook", "runs_root", "base", "grid", "order", "points")
@@ -287,49 +287,56 @@ class RunRefused(Exception):
         self.ename, self.evalue = ename, evalue
 
 
-def _status_bytes(run: RunDir) -> bytes | None:
-    try:
-        return run.status_file.read_bytes()
-    except OSError:  # no status yet, or no folder (execute's mkdir then says why)
-        return None
-
-
 def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bool = True) -> None:
     """Execute the experiment notebook for ``cfg`` through papermill, keeping the run's record safe: papermill
     writes into ``<run>/.attempts/`` and the executed notebook becomes ``experiment.ipynb`` only if the kit
-    accepted the run, which it marks by writing ``status.json`` (state 'running') under the folder's lock. A
+    accepted the run in this attempt, which it marks by writing ``status.json`` under the folder's lock with the
+    attempt's name (``$ADVKIT_ATTEMPT``: a status another process wrote meanwhile is not this attempt's). A
     notebook that fails without that mark was refused: its attempt is deleted, the earlier record (or the absence
-    of a folder) stays as it was, and :class:`RunRefused` is raised."""
+    of a folder) stays as it was, and :class:`RunRefused` is raised. One that succeeds without it found the run
+    finished by another process: that run's record stays."""
     import os
     import time
 
     import papermill
 
     run = RunDir(cfg.run_dir)
-    existed, status_before = run.path.exists(), _status_bytes(run)
+    existed = run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     attempts = run.path / ".attempts"
     attempts.mkdir(parents=True, exist_ok=True)
     attempt = attempts / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
+
+    def discard() -> None:
+        attempt.unlink(missing_ok=True)
+        for folder in (attempts, run.path) if not existed else (attempts,):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    previous = os.environ.get(ATTEMPT_VARIABLE)
+    os.environ[ATTEMPT_VARIABLE] = attempt.name  # the kernel inherits it; the run writes it into status.json
     try:
         papermill.execute_notebook(str(notebook), str(attempt), parameters=cfg.to_dict(), kernel_name=kernel,
                                    progress_bar=progress, cwd=str(project_root()), extra_arguments=QUIET_KERNEL)
     except papermill.PapermillExecutionError as exc:
-        if _status_bytes(run) == status_before:  # never accepted
-            attempt.unlink(missing_ok=True)
-            for folder in (attempts, run.path) if not existed else (attempts,):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        if not run.written_by(attempt.name):  # never accepted
+            discard()
             raise RunRefused(exc.ename, exc.evalue) from None
         os.replace(attempt, run.notebook)  # the run was accepted and failed in it: its record shows how
         raise
     except BaseException:  # a dead kernel (SIGKILL, out of memory), Ctrl-C: keep the record of a run that started
-        if _status_bytes(run) != status_before and attempt.exists():
+        if run.written_by(attempt.name) and attempt.exists():
             os.replace(attempt, run.notebook)
         raise
-    os.replace(attempt, run.notebook)
+    finally:
+        if previous is None:
+            os.environ.pop(ATTEMPT_VARIABLE, None)
+        else:
+            os.environ[ATTEMPT_VARIABLE] = previous
+    if run.written_by(attempt.name):
+        os.replace(attempt, run.notebook)
     with contextlib.suppress(OSError):
-        attempts.rmdir()
+        discard()
 
 
 def _run_point(point: Point, kernel: str | None, progress: bool) -> None:

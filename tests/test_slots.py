@@ -192,14 +192,15 @@ def test_a_point_asking_more_gpus_than_devices_and_gpus_with_jobs_are_refused(tm
 # ---------------------------------------------------------------- real slot processes
 
 STAND_IN = """import os, pathlib
+from advkit.rundir import RunDir
 run = pathlib.Path(runs_root) / name
 run.mkdir(parents=True, exist_ok=True)
-(run / "status.json").write_text('{"state": "running"}')  # the kit's mark of an accepted run
+RunDir(run).write_status("running")  # the kit's mark of an accepted run
 (run / "slot.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"] + " " + os.environ["OMP_NUM_THREADS"])
 if name == "broken":
     raise RuntimeError("broken on purpose")
 (run / "results.csv").write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\\n-,clean,True,8,1,fixed,1,0,0.5,0.5,2,0\\n")
-(run / "status.json").write_text('{"state": "done"}')
+RunDir(run).write_status("done")
 """
 
 

@@ -187,12 +187,13 @@ def test_jobs_run_the_shards_at_once_and_fail_when_a_point_fails(tmp_path):
 # ---------------------------------------------------------------- sweeps that never lie about failures
 
 STAND_IN = """import os, pathlib, signal
+from advkit.rundir import RunDir
 run = pathlib.Path(runs_root) / name
 if name == "die":  # the shard process that executes this notebook is killed, as by the OOM killer
     os.kill(os.getppid(), signal.SIGKILL)
     os._exit(0)
 (run / "results.csv").write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\\n-,clean,True,8,1,fixed,1,0,0.5,0.5,2,0\\n")
-(run / "status.json").write_text('{"state": "done"}')
+RunDir(run).write_status("done")
 """
 
 
@@ -491,6 +492,24 @@ def test_run_direct_starts_nothing_after_its_deadline_and_refuses_bad_input_befo
     with pytest.raises(ValueError, match="clean_ratio=2"):
         direct.main([str(f), str(bad)])
     assert not (tmp_path / "runs" / "a").exists()
+
+
+def test_run_direct_skips_the_points_a_study_table_records_and_refuses_a_table_without_them(tmp_path, capsys):
+    """A new machine has none of the study's run folders: the committed table says which points are done."""
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST, "points": [
+        {"name": "a"}, {"name": "b"}]}))
+    table = _write(tmp_path / "runs.csv", "sweep,run,accuracy\nruns,a,50.0\nother,b,50.0\n")
+    direct = _run_direct()
+    assert direct.main([str(f), "--deadline", "0", "--logs", str(tmp_path / "logs"), "--recorded", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: 1 (a)" in out and "not started: 1 (b)" in out  # a: recorded; b: only another sweep's b is
+    for bad, why in ((_write(tmp_path / "bad.csv", "run,accuracy\na,50\n"), "has no sweep and run columns"),
+                     (tmp_path / "missing.csv", "No such file")):
+        with pytest.raises(SystemExit):
+            direct.main([str(f), "--recorded", str(bad)])
+        assert f"--recorded={str(bad)!r} is not accepted" in (err := capsys.readouterr().err) and why in err, err
+    assert not runs.exists()
 
 
 @pytest.mark.parametrize("name", ["main", "ablations", "depth"])

@@ -19,9 +19,10 @@ RESULTS = ("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,wo
            "-,clean,True,8,1,fixed,1,0,0.5,0.5,2,0\n")
 # a notebook that only records a finished run (the parameters papermill injects name its folder)
 STAND_IN = f"""import pathlib
+from advkit.rundir import RunDir
 run = pathlib.Path(runs_root) / name
 (run / "results.csv").write_text({RESULTS!r})
-(run / "status.json").write_text('{{"state": "done"}}')
+RunDir(run).write_status("done")
 """
 
 
@@ -175,14 +176,34 @@ def test_a_sweep_extends_a_finished_run_when_the_file_asks_for_more_epochs(tmp_p
 
 def test_a_kernel_killed_after_its_run_started_leaves_its_notebook_as_the_runs_record(tmp_path, capsys):
     notebook = _notebook(tmp_path / "dies.ipynb",
-                         "import pathlib\n(pathlib.Path(runs_root) / name / 'status.json').write_text("
-                         "'{\"state\": \"running\"}')",
+                         "from advkit.rundir import RunDir\nRunDir(runs_root + '/' + name).write_status('running')",
                          "import os\nos.kill(os.getpid(), 9)")
     outcome = sweep.run_sweep(_sweep_file(tmp_path, [{"name": "a"}], notebook), progress=False)
     folder = tmp_path / "runs" / "a"
     assert [name for name, _, _ in outcome["failed"]] == ["a"]
     assert (folder / "experiment.ipynb").is_file() and not list(folder.glob(".attempts/*"))
     assert f"FAILED a: see {folder / 'experiment.ipynb'}" in capsys.readouterr().out
+
+
+# another process finishes the run while this attempt's kernel starts; this attempt is then refused, or finds
+# the run finished and does nothing: either way the finished run's record is not this attempt's notebook
+OTHER_FINISHES = "import pathlib\n(pathlib.Path(runs_root) / name / 'status.json').write_text('{\"state\": \"done\"}')"
+
+
+@pytest.mark.parametrize("then", ["raise ValueError('refused: the run is in use')", "pass"])
+def test_a_status_written_by_another_process_does_not_make_this_attempt_the_runs_record(tmp_path, then):
+    notebook = _notebook(tmp_path / "other.ipynb", OTHER_FINISHES, then)
+    point = sweep.load_sweep(_sweep_file(tmp_path, [{"name": "a"}], notebook))[0]
+    folder = rundir.RunDir(point.config.run_dir)
+    folder.path.mkdir(parents=True)
+    folder.notebook.write_text("the other process's record")
+    if then == "pass":
+        sweep.execute(notebook, point.config, progress=False)
+    else:
+        with pytest.raises(sweep.RunRefused, match="refused: the run is in use"):
+            sweep.execute(notebook, point.config, progress=False)
+    assert folder.notebook.read_text() == "the other process's record"
+    assert not (folder.path / ".attempts").exists()
 
 
 # ---------------------------------------------------------------- 4. the command line

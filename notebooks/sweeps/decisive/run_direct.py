@@ -2,9 +2,10 @@
 a GPU machine that has neither (the decisive study's GPU sessions, docs/study-design.md). It uses only the kit's
 public API of the code it runs with (``PYTHONPATH``: the study's frozen commit), so it travels beside that code.
 
-    python run_direct.py FILE [FILE ...] --jobs 12 --deadline 360 --stop 540 --logs DIR
+    python run_direct.py FILE [FILE ...] --jobs 12 --deadline 360 --stop 540 --logs DIR [--recorded RUNS_CSV]
 
-Points run in the files' order. A finished point is skipped; a point that starts from another point's run
+Points run in the files' order. A finished point is skipped, and so is one that ``--recorded`` (the study's
+committed runs.csv: its sweep and run columns) holds, whose run folder a new machine no longer has; a point that starts from another point's run
 (``init_checkpoint: run:NAME``) waits until that run has finished and is dropped if it fails. No point starts
 after ``--deadline`` seconds; the ones still running at ``--stop`` seconds get SIGTERM (the kit saves a checkpoint
 and exits 143) and are reported as stopped, never as done. TF32 is switched off in every run, so that a GPU's fp32
@@ -14,6 +15,7 @@ training and evaluation are fp32 (the sweep files switch bf16 off). Exit status 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import signal
@@ -29,12 +31,23 @@ CHILD = ("import sys, torch; torch.backends.cudnn.allow_tf32 = torch.backends.cu
          "from advkit.run import main; raise SystemExit(main(['--resume', sys.argv[1]]))")
 
 
-def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: Path) -> dict[str, list[str]]:
-    """Run the unfinished points of ``files``, ``jobs`` at a time, starting none after ``deadline`` seconds and
-    stopping those still running at ``stop`` seconds."""
+def recorded_runs(table: Path) -> set[tuple[str, str]]:
+    """The (sweep, run) pairs of a study table (runs.csv); a table without those columns is refused."""
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"sweep", "run"} <= set(rows[0]):
+        raise ValueError(f"--recorded={str(table)!r} is not accepted: it has no sweep and run columns")
+    return {(row["sweep"], row["run"]) for row in rows}
+
+
+def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: Path,
+               recorded: set[tuple[str, str]] = frozenset()) -> dict[str, list[str]]:
+    """Run the points of ``files`` that are neither finished nor ``recorded`` ((sweep folder, run) pairs),
+    ``jobs`` at a time, starting none after ``deadline`` seconds and stopping those still running at ``stop``."""
     points = [p for f in files for p in sweep.load_sweep(f)]
     logs.mkdir(parents=True, exist_ok=True)
-    waiting = [p for p in points if not sweep.finished(p)]
+    waiting = [p for p in points if not sweep.finished(p)
+               and (Path(p.config.run_dir).parent.name, p.config.name) not in recorded]
     outcome: dict[str, list[str]] = {"done": [], "skipped": [p.config.name for p in points if p not in waiting],
                                      "failed": [], "stopped": [], "not started": []}
     planned = {str(p.config.run_dir) for p in waiting}
@@ -90,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", type=float, default=None,
                         help="seconds at which running ones are stopped (default: the deadline)")
     parser.add_argument("--logs", type=Path, default=Path("runs/direct-logs"), help="each run's log and config")
+    parser.add_argument("--recorded", type=Path, default=None, metavar="RUNS_CSV",
+                        help="skip the points this study table holds (their folders may be gone)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs} is not accepted: give 1 or more")
@@ -98,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = args.deadline if args.stop is None else args.stop
     if stop < args.deadline:
         parser.error(f"--stop={stop:g} is not accepted: give at least --deadline={args.deadline:g}")
-    outcome = run_points(args.files, args.jobs, args.deadline, stop, args.logs)
+    try:
+        recorded = recorded_runs(args.recorded) if args.recorded is not None else set()
+    except OSError as exc:
+        parser.error(f"--recorded={str(args.recorded)!r} is not accepted: {exc.strerror}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    outcome = run_points(args.files, args.jobs, args.deadline, stop, args.logs, recorded)
     for state, names in outcome.items():
         shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
         print(f"[direct] {state}: {len(names)}" + (f" ({shown})" if names else ""), flush=True)
