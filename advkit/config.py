@@ -168,6 +168,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def kept_clean(clean_ratio: float, batch: int) -> int:
+    """How many of a process's ``batch`` clean images "100% adv + X% clean" keeps (X = ``clean_ratio``)."""
+    return round(clean_ratio * batch)
+
+
 def make_config(preset: str | None = None, *, check_paths: bool = True, **overrides: Any) -> Config:
     """A validated Config: the preset's values, then ``overrides``. Unknown names are rejected.
 
@@ -451,6 +456,12 @@ def _check_combinations(cfg: Config, check_paths: bool) -> None:
     if cfg.adv_ratio == 0 and cfg.clean_ratio != 1:
         raise ValueError(f"clean_ratio={cfg.clean_ratio} is not accepted with adv_ratio=0; standard training "
                          "uses every clean image (clean_ratio=1)")
+    local_batch = cfg.batch_size // cfg.gpus if cfg.batch_size % cfg.gpus == 0 else None
+    if cfg.adv_ratio == 1 and cfg.clean_ratio > 0 and local_batch and kept_clean(cfg.clean_ratio, local_batch) == 0:
+        raise ValueError(f"clean_ratio={cfg.clean_ratio} is not accepted with batch_size={cfg.batch_size}, gpus="
+                         f"{cfg.gpus}: each process keeps round({cfg.clean_ratio} x {local_batch}) = 0 clean images, "
+                         "so it would train 100% adv + 0% clean (no Eq. 1 clean term, no ALP pairs, MBN_clean never "
+                         f"trained); give clean_ratio > {0.5 / local_batch:g} (or 0), or a larger batch_size")
     if cfg.alp_weight > 0 and (cfg.adv_ratio == 0 or cfg.clean_ratio == 0):
         raise ValueError(f"alp_weight={cfg.alp_weight} needs clean/adversarial pairs: adv_ratio=1 and "
                          f"clean_ratio > 0 (got adv_ratio={cfg.adv_ratio}, clean_ratio={cfg.clean_ratio})")

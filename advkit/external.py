@@ -223,8 +223,15 @@ def evaluate_weights(cfg: Config, weights: str | Path, *, norm_inside: bool = Fa
     AutoAttack's rows with ``eval_autoattack_n``), ``sanity.csv``, ``status.json``, TensorBoard's with
     ``tensorboard``. Every input is checked before anything is written or computed. Returns the results table.
 
-        results = advkit.external.evaluate_weights(make_config("paper", name="r152", arch="resnet152"),
-                                                   "r152.pt", norm_inside=True)
+        results = advkit.external.evaluate_weights(make_config("paper", name="r50", arch="resnet50"),
+                                                   "resnet50-robust.pt", mean=[0.485, 0.456, 0.406],
+                                                   std=[0.229, 0.224, 0.225])
+
+    The paper's released weights (facebookresearch/ImageNet-Adversarial-Training, tensorpack) take BGR images
+    scaled to [-1, 1]: convert them with conv1's input channels reversed (``w[:, [2, 1, 0]]``, the kit feeds
+    RGB) and give ``mean=std=[0.5, 0.5, 0.5]``, not ``norm_inside``. Their stride-2 layers pad as TensorFlow's
+    'SAME' does (one pixel fewer before than after), torchvision's ResNet symmetrically, so the kit evaluates a
+    function shifted by one pixel at each stride-2 layer, not exactly the released model.
     """
     validate(cfg)
     if cfg.gpus != 1:

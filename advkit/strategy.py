@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks, data, norm
-from .config import Config
+from .config import Config, kept_clean
 
 
 class TrainingForward(nn.Module):
@@ -92,7 +92,7 @@ def training_loss(
                                   num_classes=data.DATASETS[cfg.dataset].num_classes, generator=generator)
     sync()
     stats["attack_seconds"] = time.perf_counter() - t0
-    n_keep = round(cfg.clean_ratio * len(labels))
+    n_keep = kept_clean(cfg.clean_ratio, len(labels))
     keep = torch.randperm(len(labels), generator=generator, device=generator.device)[:n_keep].to(labels.device)
     with autocast_ctx:
         logits_adv, logits_clean = forward(adversarial, images[keep] if n_keep else None)

@@ -51,3 +51,20 @@ def test_a_negative_worker_count_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--num-workers", "-1"])
     assert "--num-workers=-1 is not accepted" in capsys.readouterr().err
+
+
+def test_the_floors_run_the_network_the_kits_attack_runs():
+    """The floor of pgd_vs_floor is the BN-folded view the kit attacks (before: the unfolded model, which the
+    attack beat by 40%, so a 1.05 target let an attack doing a third more work than needed pass). The training
+    step's floor is k such steps plus one training forward-backward: the model's own BNs see exactly one pass."""
+    import torch
+
+    model = bench.bench_model("small_resnet8", torch.device("cpu")).eval()
+    images, labels = bench.fashion_batch(8, torch.device("cpu"))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    modes = []
+    bn.register_forward_hook(lambda m, args, out: modes.append(m.training))
+    bench.floor_steps(model, images, labels, 3)
+    assert modes == []  # every pass went through the folded view
+    bench.training_floor(model, images, labels, labels, 2)
+    assert modes == [True] and all(p.grad is None for p in model.parameters())

@@ -35,6 +35,17 @@ def test_clean_ratio_decides_which_clean_images_are_forwarded(clean_ratio, expec
     assert int((~is_clean).sum()) == 16 == stats["n_adv"]
 
 
+@pytest.mark.parametrize("overrides", [dict(norm="mbn"), dict(alp_weight=0.5), dict(gpus=8, batch_size=64)])
+def test_a_clean_ratio_that_keeps_no_clean_image_per_process_is_refused(overrides):
+    """clean_ratio 0.01 of a per-process batch of 16 (or 8) rounds to 0 kept images: the run would train
+    "100% adv + 0% clean" under a "1% clean" label (MBN_clean never trained, ALP silently off)."""
+    kw = dict(clean_ratio=0.01, batch_size=16) | overrides
+    with pytest.raises(ValueError, match=r"clean_ratio=0.01 is not accepted with batch_size=\d+, gpus=\d+: each "
+                                         r"process keeps round\(0.01 x \d+\) = 0 clean images"):
+        make_config("test", **kw)
+    assert make_config("test", clean_ratio=0.04, batch_size=16).clean_ratio == 0.04  # round(0.64) = 1 image
+
+
 def test_mixture_bn_statistics_move_only_with_their_own_images():
     x, y = _batch()
 
