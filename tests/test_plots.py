@@ -127,3 +127,39 @@ def test_figures_drawn_in_tests_without_a_folder_never_touch_the_committed_figur
     ax.plot([0, 1], [1, 0])
     png, pdf = plots.save(fig, "study_claims")  # the name of a committed figure, no folder given
     assert png.exists() and png.parent != project_root() / "figures"
+
+
+# ---------------------------------------------------------------- kit runs written as run.run writes them
+
+KIT_CONFIG = dict(strategy="100% adv + 0% clean", norm="bn", adv_ratio=1.0, clean_ratio=0.0, alp_weight=0.0,
+                  running_stats_epochs=0, finetune_bn=False, arch="small_resnet8", dataset="fashion-mnist",
+                  train_steps=2, train_eps=16.0, batch_size=64, epochs=1, seed=0, n_train=128)
+
+
+def _kit_run(root, folder, curve, targeted=True, eps=16.0, branches=("-",), **config):
+    """A finished run folder (config.json, status.json, results.csv) with ``curve`` [(steps, accuracy 0-1)]."""
+    import json
+
+    run_dir = root / folder
+    run_dir.mkdir(parents=True)
+    name = config.pop("name", folder)
+    (run_dir / "config.json").write_text(json.dumps(KIT_CONFIG | dict(name=name) | config | dict(run_dir=str(run_dir))))
+    (run_dir / "status.json").write_text(json.dumps({"state": "done"}))
+    pd.DataFrame([dict(branch=b, attack="clean" if s == 0 else "pgd", targeted=targeted, eps=eps, step=2.0,
+                       step_rule="fixed", restarts=1, steps=s, accuracy=a, worst_accuracy=a, n=64, seed=0)
+                  for b in branches for s, a in curve]).to_csv(run_dir / "results.csv", index=False)
+    return run_dir
+
+
+def test_untargeted_pgd_runs_are_not_mixed_into_the_papers_targeted_protocol(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "targeted", [(0, 0.8), (10, 0.6), (20, 0.5)], targeted=True)
+    _kit_run(runs, "untargeted", [(0, 0.8), (10, 0.2), (20, 0.1)], targeted=False, seed=1)
+    frame = results.analysis_frame(runs)
+    kit = results.paper_protocol(frame)
+    kit = kit[kit["source"] == "kit"]
+    assert set(kit.loc[kit["steps"] > 0, "run"]) == {"targeted"}
+    table = plots.all_tables(frame, tmp_path / "figures")["table7_kit"]
+    assert table["PGD-20"].tolist() == [50.0]  # not 30.0, the mean of targeted 50 and untargeted 10
+    fig = plots.figure1(frame, tmp_path / "figures")
+    assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[50.0]]
