@@ -270,7 +270,8 @@ def table_by(frame: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
 
 def table1(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 1: clean accuracy of standard training and MBN_clean; strongest-PGD accuracy of 100% adv + 0% clean
-    and MBN_adv, with and without ALP (no running statistics)."""
+    and MBN_adv, with and without ALP (no running statistics). Every PGD row is read at the one PGD-N its
+    ``metric`` names (NaN where a strategy was not evaluated there), so differences compare like with like."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
     rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps", "eps"], frame), rows[rows["adv_ratio"] == 0]])
     strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
@@ -286,7 +287,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
                                                      & (rows["clean_ratio"] == 1)], None),
     ]:
         out.append(dict(strategy=label, metric="clean" if steps == 0 else f"PGD-{strongest}",
-                        accuracy=round(_accuracy_at(part, steps), 1)))
+                        accuracy=round(_accuracy_at(part, steps if steps == 0 else strongest), 1)))
     table = pd.DataFrame(out)
     for metric, part in table.groupby("metric"):
         table.loc[part.index, "difference"] = (part["accuracy"] - part["accuracy"].iloc[0]).round(1)

@@ -163,3 +163,15 @@ def test_untargeted_pgd_runs_are_not_mixed_into_the_papers_targeted_protocol(tmp
     assert table["PGD-20"].tolist() == [50.0]  # not 30.0, the mean of targeted 50 and untargeted 10
     fig = plots.figure1(frame, tmp_path / "figures")
     assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[50.0]]
+
+
+def test_table1_reads_every_pgd_row_at_the_pgd_n_its_metric_names(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "madry", [(0, 0.8), (10, 0.6), (100, 0.5)])
+    _kit_run(runs, "mbn", [(0, 0.7), (10, 0.55)], norm="mbn", clean_ratio=1.0, strategy="100% adv + 100% clean",
+             branches=("clean", "adv"))  # evaluated to PGD-10 only
+    table = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")["table1_kit"].set_index("strategy")
+    assert table.loc["100% adv + 0% clean", "metric"] == "PGD-100"
+    assert table.loc["100% adv + 0% clean", "accuracy"] == 50.0
+    mbn_adv = table.loc["MBN_adv, 100% adv + 100% clean"]
+    assert mbn_adv["metric"] == "PGD-100" and np.isnan(mbn_adv["accuracy"])  # not its PGD-10 (55.0) labelled PGD-100
