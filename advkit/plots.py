@@ -250,11 +250,13 @@ def _settings(rows: pd.DataFrame, running_stats_mark: bool = True) -> pd.Series:
 
 
 def table7(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every model: network, batch, training PGD-N, setting, clean and PGD-N accuracies (mean over seeds)."""
+    """Every model: network, batch, training PGD-N, setting, clean and PGD-N accuracies (mean over seeds); data
+    set and eps head the index where the rows hold several (runs of two data sets or eps are two models)."""
     rows = frame[~frame["finetune_bn"].astype(bool)]
     rows = rows.assign(setting=_settings(rows),
                        metric=rows["steps"].map(lambda s: "clean" if s == 0 else f"PGD-{s}"))
-    table = rows.pivot_table(index=["arch", "batch_size", "train_steps", "setting"], columns="metric",
+    varying = [c for c in ("dataset", "eps") if rows[c].nunique() > 1]
+    table = rows.pivot_table(index=[*varying, "arch", "batch_size", "train_steps", "setting"], columns="metric",
                              values="accuracy", aggfunc="mean")
     ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[4:]))
     return table[ordered].round(1).reset_index()
@@ -330,12 +332,14 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
         two_extremes = rows["clean_ratio"].isin([0.0, 1.0]) & rows["norm"].isin(["bn", "mbn"])
         rs_strategies = (rows["clean_ratio"] == 0) & (rows["norm"] == "bn") | (rows["branch"] == "adv")
         built = {
-            "table1": table1(dominant(rows, ["arch", "batch_size", "eps"])),  # Table 1 compares one network
-            "table2": table2(rows),
-            "table4": table_by(dominant(rows[plain & two_extremes], ["arch", "batch_size"]), "train_steps", "setting"),
-            "table5": table_by(dominant(rows[rs_strategies], ["arch", "batch_size"]), "setting", "train_steps"),
+            "table1": table1(dominant(rows, ["dataset", "arch", "batch_size", "eps"])),  # one network, one eps
+            "table2": table2(dominant(rows, ["dataset"])),
+            "table4": table_by(dominant(rows[plain & two_extremes], ["dataset", "eps", "arch", "batch_size"]),
+                               "train_steps", "setting"),
+            "table5": table_by(dominant(rows[rs_strategies], ["dataset", "eps", "arch", "batch_size"]), "setting",
+                               "train_steps"),
             "table6": table_by(dominant(rows[(rows["clean_ratio"] == 0) & rows["running_stats"].astype(bool)],
-                                        ["arch", "train_steps"], rows), "batch_size", "setting"),
+                                        ["dataset", "eps", "arch", "train_steps"], rows), "batch_size", "setting"),
             "table7": table7(rows),
         }
         for name, table in built.items():

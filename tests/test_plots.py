@@ -175,3 +175,16 @@ def test_table1_reads_every_pgd_row_at_the_pgd_n_its_metric_names(tmp_path):
     assert table.loc["100% adv + 0% clean", "accuracy"] == 50.0
     mbn_adv = table.loc["MBN_adv, 100% adv + 100% clean"]
     assert mbn_adv["metric"] == "PGD-100" and np.isnan(mbn_adv["accuracy"])  # not its PGD-10 (55.0) labelled PGD-100
+
+
+def test_tables_keep_runs_of_other_eps_and_data_sets_apart(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "eps16", [(0, 0.8), (10, 0.6)])
+    _kit_run(runs, "eps16-seed1", [(0, 0.8), (10, 0.6)], seed=1)
+    _kit_run(runs, "eps4", [(0, 0.9), (10, 0.2)], eps=4.0, train_eps=4.0)
+    _kit_run(runs, "cifar", [(0, 0.5), (10, 0.1)], dataset="cifar10")
+    tables = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")
+    t7 = tables["table7_kit"].set_index(["dataset", "eps"])["PGD-10"]
+    assert t7.to_dict() == {("cifar10", 16.0): 10.0, ("fashion-mnist", 4.0): 20.0, ("fashion-mnist", 16.0): 60.0}
+    assert tables["table4_kit"]["100% adv + 0% clean"].tolist() == [60.0]  # the runs most share, not a mean of all
+    assert "dataset" not in tables["table7_paper"]  # one data set and eps: the paper's table keeps its columns
