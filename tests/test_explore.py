@@ -359,3 +359,12 @@ def test_adversarial_examples_of_an_untargeted_run_and_bad_input(explorer_runs, 
         examples.adversarial_examples(explorer_runs / "bn", None, n_images=0)
     with pytest.raises(ValueError, match="branch='adv'"):
         examples.adversarial_examples(explorer_runs / "bn", "adv")
+
+
+def test_runs_of_two_data_sets_or_eps_are_two_curves_not_one_models_seeds():
+    kit = pd.DataFrame(_kit_rows("fm") + _kit_rows("cifar", dataset="cifar10", run_dir="/runs/cifar")
+                       + _kit_rows("fm-eps4", eps=4.0, run_dir="/runs/fm-eps4"))
+    explorer = explore.make_explorer(kit, show=False)
+    ax = explorer.drawn["curves"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 3 and any("cifar10" in l for l in labels) and any("eps 4" in l for l in labels)
