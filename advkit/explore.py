@@ -317,8 +317,8 @@ def update(explorer: Explorer, *_) -> None:
     try:
         rows = selected(explorer)
         explorer.selection = rows
-        explorer.status.value = (f"{rows['run'].nunique()} models selected "
-                                 f"({(rows.drop_duplicates('run')['source'] == 'kit').sum()} kit runs)")
+        models = rows.drop_duplicates("run_dir")  # a run is its folder: two sweeps may hold runs of one name
+        explorer.status.value = f"{len(models)} models selected ({(models['source'] == 'kit').sum()} kit runs)"
     except Exception as exc:  # shown in the widget and kept for tests
         explorer.error = f"{type(exc).__name__}: {exc}"
         explorer.status.value = f"<b>error:</b> {html.escape(explorer.error)}"
