@@ -188,3 +188,14 @@ def test_tables_keep_runs_of_other_eps_and_data_sets_apart(tmp_path):
     assert t7.to_dict() == {("cifar10", 16.0): 10.0, ("fashion-mnist", 4.0): 20.0, ("fashion-mnist", 16.0): 60.0}
     assert tables["table4_kit"]["100% adv + 0% clean"].tolist() == [60.0]  # the runs most share, not a mean of all
     assert "dataset" not in tables["table7_paper"]  # one data set and eps: the paper's table keeps its columns
+
+
+def test_figures_refuses_a_runs_root_that_does_not_exist_before_running_a_notebook(tmp_path, capsys):
+    from advkit import cli, figures
+
+    missing = tmp_path / "rnus"  # a typo of runs
+    with pytest.raises(ValueError, match="runs_root=.*rnus.*does not exist"):
+        figures.run_analysis_notebooks(str(missing), str(tmp_path / "figures"))
+    assert not missing.exists() and not (tmp_path / "figures").exists()
+    assert cli.main(["figures", "--runs", str(missing), "--out", str(tmp_path / "figures")]) == 2
+    assert "does not exist" in capsys.readouterr().err
