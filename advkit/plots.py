@@ -258,7 +258,8 @@ def table7(frame: pd.DataFrame) -> pd.DataFrame:
     varying = [c for c in ("dataset", "eps") if rows[c].nunique() > 1]
     table = rows.pivot_table(index=[*varying, "arch", "batch_size", "train_steps", "setting"], columns="metric",
                              values="accuracy", aggfunc="mean")
-    ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[4:]))
+    ordered = [c for c in ("clean",) if c in table] + sorted((c for c in table.columns if c != "clean"),
+                                                            key=lambda c: int(c[4:]))  # no rows: no columns
     return table[ordered].round(1).reset_index()
 
 

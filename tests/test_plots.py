@@ -199,3 +199,11 @@ def test_figures_refuses_a_runs_root_that_does_not_exist_before_running_a_notebo
     assert not missing.exists() and not (tmp_path / "figures").exists()
     assert cli.main(["figures", "--runs", str(missing), "--out", str(tmp_path / "figures")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tables_of_a_runs_root_holding_only_bn_finetuning_runs(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "ft-bn-clean", [(0, 0.8), (10, 0.3)], finetune_bn=True, adv_ratio=0.0, clean_ratio=1.0,
+             strategy="0% adv + 100% clean, BN-only finetuning")
+    tables = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")
+    assert tables["table7_kit"].empty and not tables["table7_paper"].empty
