@@ -381,6 +381,9 @@ def training_curves(metrics: pd.DataFrame) -> plt.Figure:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
     ax_acc.legend()
     fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- the explorer's panels (notebooks/explore.ipynb)
 
 GREYS = ("0.35", "0.55", "0.7", "0.45", "0.8", "0.6")

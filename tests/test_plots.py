@@ -207,3 +207,10 @@ def test_tables_of_a_runs_root_holding_only_bn_finetuning_runs(tmp_path):
              strategy="0% adv + 100% clean, BN-only finetuning")
     tables = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")
     assert tables["table7_kit"].empty and not tables["table7_paper"].empty
+
+
+def test_training_curves_returns_its_figure():
+    metrics = pd.DataFrame(dict(epoch=[1, 2], loss=[2.0, 1.5], train_adv_accuracy=[0.3, 0.4],
+                                train_clean_accuracy=[0.6, 0.7]))
+    fig = plots.training_curves(metrics)
+    assert list(fig.axes[1].lines[0].get_ydata()) == [30.0, 40.0]
