@@ -47,6 +47,7 @@ demo: setup
 
 # every analysis notebook through papermill: the paper's panels, and the kit's for whatever runs exist
 figures: setup
+	mkdir -p runs  # a fresh clone: the paper's panels alone
 	$(VENV)/bin/advkit figures --runs runs --out figures
 
 # speed and memory against the physical floor and torchattacks (not part of make test; about 10 minutes on 2 cores)

@@ -318,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "figures":
         from .figures import run_analysis_notebooks
 
-        outcome = run_analysis_notebooks(args.runs, args.out)
+        try:
+            outcome = run_analysis_notebooks(args.runs, args.out)
+        except ValueError as exc:  # a runs root that does not exist: its message, not a traceback
+            print(f"advkit figures: {exc}", file=sys.stderr)
+            return 2
         return 1 if outcome["failed"] else 0
     return _summary(args.root)
 

@@ -132,11 +132,13 @@ def selected(explorer: Explorer) -> pd.DataFrame:
 
 def _label(rows: pd.DataFrame) -> pd.Series:
     """A model's legend label: source, strategy, norm, branch, running statistics, network, and the training
-    PGD-N and batch size where the rows hold several (the paper's Table 7 varies them)."""
+    PGD-N, batch size, data set and eps where the rows hold several (the paper's Table 7 varies the first two;
+    runs of two data sets or eps are two models, never one model's seeds)."""
     branch = rows["branch"].map(lambda b: "" if b == "-" else f" MBN_{b}")
     running = rows["running_stats"].map(lambda r: ", running stats" if r else "")
     label = rows["source"] + ": " + rows["strategy"] + ", " + rows["norm"] + branch + running + ", " + rows["arch"]
-    for column, name in (("train_steps", ", train PGD-"), ("batch_size", ", batch ")):
+    for column, name in (("train_steps", ", train PGD-"), ("batch_size", ", batch "), ("dataset", ", "),
+                         ("eps", ", eps ")):
         if rows[column].nunique() > 1:
             label = label + name + rows[column].astype(str)
     return label
@@ -315,8 +317,8 @@ def update(explorer: Explorer, *_) -> None:
     try:
         rows = selected(explorer)
         explorer.selection = rows
-        explorer.status.value = (f"{rows['run'].nunique()} models selected "
-                                 f"({(rows.drop_duplicates('run')['source'] == 'kit').sum()} kit runs)")
+        models = rows.drop_duplicates("run_dir")  # a run is its folder: two sweeps may hold runs of one name
+        explorer.status.value = f"{len(models)} models selected ({(models['source'] == 'kit').sum()} kit runs)"
     except Exception as exc:  # shown in the widget and kept for tests
         explorer.error = f"{type(exc).__name__}: {exc}"
         explorer.status.value = f"<b>error:</b> {html.escape(explorer.error)}"

@@ -12,10 +12,17 @@ ANALYSIS_DIR = project_root() / "notebooks" / "analysis"
 
 def run_analysis_notebooks(runs_root: str = "runs", figures_dir: str = "figures") -> dict[str, list]:
     """Run each ``notebooks/analysis/*.ipynb`` with ``runs_root`` and ``figures_dir``; executed copies go to
-    ``<runs_root>/analysis/``. Carries on past a failing notebook and lists the failures and the figures."""
+    ``<runs_root>/analysis/``. Carries on past a failing notebook and lists the failures and the figures.
+    ValueError, before any notebook runs, where ``runs_root`` is not a folder: a mistyped one would otherwise be
+    created and every kit panel drawn empty over the committed figures."""
+    runs = resolve_output(runs_root)
+    if not runs.is_dir():
+        raise ValueError(f"runs_root={str(runs_root)!r} ({runs}) {'is not a folder' if runs.exists() else 'does not exist'}"
+                         ": give the folder your sweeps wrote (e.g. runs/demo), or create an empty one for the "
+                         "paper's panels alone")
     import papermill
 
-    executed_dir = resolve_output(runs_root) / "analysis"
+    executed_dir = runs / "analysis"
     executed_dir.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, list] = {"done": [], "failed": []}
     offered = {"runs_root": runs_root, "figures_dir": figures_dir}

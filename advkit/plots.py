@@ -250,13 +250,16 @@ def _settings(rows: pd.DataFrame, running_stats_mark: bool = True) -> pd.Series:
 
 
 def table7(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every model: network, batch, training PGD-N, setting, clean and PGD-N accuracies (mean over seeds)."""
+    """Every model: network, batch, training PGD-N, setting, clean and PGD-N accuracies (mean over seeds); data
+    set and eps head the index where the rows hold several (runs of two data sets or eps are two models)."""
     rows = frame[~frame["finetune_bn"].astype(bool)]
     rows = rows.assign(setting=_settings(rows),
                        metric=rows["steps"].map(lambda s: "clean" if s == 0 else f"PGD-{s}"))
-    table = rows.pivot_table(index=["arch", "batch_size", "train_steps", "setting"], columns="metric",
+    varying = [c for c in ("dataset", "eps") if rows[c].nunique() > 1]
+    table = rows.pivot_table(index=[*varying, "arch", "batch_size", "train_steps", "setting"], columns="metric",
                              values="accuracy", aggfunc="mean")
-    ordered = ["clean"] + sorted((c for c in table.columns if c != "clean"), key=lambda c: int(c[4:]))
+    ordered = [c for c in ("clean",) if c in table] + sorted((c for c in table.columns if c != "clean"),
+                                                            key=lambda c: int(c[4:]))  # no rows: no columns
     return table[ordered].round(1).reset_index()
 
 
@@ -270,7 +273,8 @@ def table_by(frame: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
 
 def table1(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 1: clean accuracy of standard training and MBN_clean; strongest-PGD accuracy of 100% adv + 0% clean
-    and MBN_adv, with and without ALP (no running statistics)."""
+    and MBN_adv, with and without ALP (no running statistics). Every PGD row is read at the one PGD-N its
+    ``metric`` names (NaN where a strategy was not evaluated there), so differences compare like with like."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
     rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps", "eps"], frame), rows[rows["adv_ratio"] == 0]])
     strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
@@ -286,7 +290,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
                                                      & (rows["clean_ratio"] == 1)], None),
     ]:
         out.append(dict(strategy=label, metric="clean" if steps == 0 else f"PGD-{strongest}",
-                        accuracy=round(_accuracy_at(part, steps), 1)))
+                        accuracy=round(_accuracy_at(part, steps if steps == 0 else strongest), 1)))
     table = pd.DataFrame(out)
     for metric, part in table.groupby("metric"):
         table.loc[part.index, "difference"] = (part["accuracy"] - part["accuracy"].iloc[0]).round(1)
@@ -329,12 +333,14 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
         two_extremes = rows["clean_ratio"].isin([0.0, 1.0]) & rows["norm"].isin(["bn", "mbn"])
         rs_strategies = (rows["clean_ratio"] == 0) & (rows["norm"] == "bn") | (rows["branch"] == "adv")
         built = {
-            "table1": table1(dominant(rows, ["arch", "batch_size", "eps"])),  # Table 1 compares one network
-            "table2": table2(rows),
-            "table4": table_by(dominant(rows[plain & two_extremes], ["arch", "batch_size"]), "train_steps", "setting"),
-            "table5": table_by(dominant(rows[rs_strategies], ["arch", "batch_size"]), "setting", "train_steps"),
+            "table1": table1(dominant(rows, ["dataset", "arch", "batch_size", "eps"])),  # one network, one eps
+            "table2": table2(dominant(rows, ["dataset"])),
+            "table4": table_by(dominant(rows[plain & two_extremes], ["dataset", "eps", "arch", "batch_size"]),
+                               "train_steps", "setting"),
+            "table5": table_by(dominant(rows[rs_strategies], ["dataset", "eps", "arch", "batch_size"]), "setting",
+                               "train_steps"),
             "table6": table_by(dominant(rows[(rows["clean_ratio"] == 0) & rows["running_stats"].astype(bool)],
-                                        ["arch", "train_steps"], rows), "batch_size", "setting"),
+                                        ["dataset", "eps", "arch", "train_steps"], rows), "batch_size", "setting"),
             "table7": table7(rows),
         }
         for name, table in built.items():
@@ -375,6 +381,9 @@ def training_curves(metrics: pd.DataFrame) -> plt.Figure:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
     ax_acc.legend()
     fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- the explorer's panels (notebooks/explore.ipynb)
 
 GREYS = ("0.35", "0.55", "0.7", "0.45", "0.8", "0.6")

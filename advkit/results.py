@@ -3,7 +3,8 @@
 The analysis schema has one row per (model, MBN branch, attack): ``source`` ('paper' or 'kit'), ``run``,
 ``dataset``, ``arch``, ``batch_size``, ``train_steps``, ``eps`` (of the evaluation, 0-255), ``adv_ratio``,
 ``clean_ratio``, ``norm`` ('bn', 'mbn', 'gn'), ``branch`` ('-', 'clean', 'adv'), ``alp``, ``running_stats``,
-``finetune_bn``, ``seed``, ``strategy`` (the paper's name), ``attack`` ('clean', 'pgd': the paper's protocol;
+``finetune_bn``, ``seed``, ``strategy`` (the paper's name), ``attack`` ('clean', 'pgd': the paper's protocol
+where ``targeted``;
 kit runs evaluated with ``eval_autoattack_n`` also 'apgd-ce', 'apgd-t' and their worst case 'autoattack', on
 their first ``n`` test images), ``steps`` (0: clean images), ``accuracy`` and ``worst_accuracy`` in percent,
 ``n``. One plotting function then serves both sources; the paper's figures use :func:`paper_protocol`.
@@ -23,8 +24,8 @@ from .rundir import DamagedFile, RunDir
 
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
-          "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "attack", "steps", "accuracy",
-          "worst_accuracy", "n"]
+          "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "attack", "targeted", "steps",
+          "accuracy", "worst_accuracy", "n"]
 PAPER_PROTOCOL = ("clean", "pgd")  # the paper's attacks; AutoAttack's rows are 'apgd-ce', 'apgd-t', 'autoattack'
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
                   "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed", "n_train"]
@@ -38,9 +39,18 @@ def attack_column(frame: pd.DataFrame) -> pd.Series:
     return frame["attack"].fillna(derived) if "attack" in frame else derived
 
 
+def targeted_column(frame: pd.DataFrame) -> pd.Series:
+    """Each row's ``targeted`` as a bool; True where a table has none (the paper's, or one written before it)."""
+    if "targeted" not in frame:
+        return pd.Series(True, index=frame.index)
+    return frame["targeted"].fillna(True).astype(str).str.lower().isin(["true", "1", "1.0"])
+
+
 def paper_protocol(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the paper's protocol (clean and PGD), without AutoAttack's."""
-    return frame[attack_column(frame).isin(PAPER_PROTOCOL)]
+    """The rows of the paper's protocol: clean images and targeted PGD; without AutoAttack's and without
+    untargeted PGD's (a run evaluated with ``eval_targeted=False``), which measure another threat model."""
+    attack = attack_column(frame)
+    return frame[(attack == "clean") | (attack.isin(PAPER_PROTOCOL) & targeted_column(frame))]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -124,8 +134,8 @@ def _in_schema(runs: pd.DataFrame) -> pd.DataFrame:
         "clean_ratio": runs["clean_ratio"], "norm": runs["norm"], "branch": runs["branch"],
         "alp": runs["alp_weight"] > 0, "running_stats": runs["running_stats_epochs"] > 0,
         "finetune_bn": runs["finetune_bn"].astype(bool), "seed": runs["seed"], "strategy": runs["strategy"],
-        "attack": attack_column(runs), "steps": runs["steps"], "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100,
-        "n": runs["n"]})
+        "attack": attack_column(runs), "targeted": targeted_column(runs), "steps": runs["steps"],
+        "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100, "n": runs["n"]})
     return frame[SCHEMA]
 
 
@@ -144,7 +154,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                      strategy=paper.strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
         for column, steps in [("clean", 0), ("pgd10", 10), ("pgd20", 20), ("pgd100", 100), ("pgd500", 500),
                               ("pgd2000", 2000)]:
-            rows.append(model | dict(attack="pgd" if steps else "clean", steps=steps, accuracy=r[column],
+            rows.append(model | dict(attack="pgd" if steps else "clean", targeted=True, steps=steps, accuracy=r[column],
                                      worst_accuracy=np.nan))
     extra = pd.read_csv(folder / "clean_training.csv")
     for i, r in extra.iterrows():
@@ -154,7 +164,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                          batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, eps=16.0, adv_ratio=r["adv_ratio"],
                          clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
                          finetune_bn=False, seed=np.nan, strategy=paper.strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
-                         attack="clean", steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
+                         attack="clean", targeted=True, steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
     return pd.DataFrame(rows)[SCHEMA]
 
 

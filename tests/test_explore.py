@@ -359,3 +359,20 @@ def test_adversarial_examples_of_an_untargeted_run_and_bad_input(explorer_runs, 
         examples.adversarial_examples(explorer_runs / "bn", None, n_images=0)
     with pytest.raises(ValueError, match="branch='adv'"):
         examples.adversarial_examples(explorer_runs / "bn", "adv")
+
+
+def test_runs_of_two_data_sets_or_eps_are_two_curves_not_one_models_seeds():
+    kit = pd.DataFrame(_kit_rows("fm") + _kit_rows("cifar", dataset="cifar10", run_dir="/runs/cifar")
+                       + _kit_rows("fm-eps4", eps=4.0, run_dir="/runs/fm-eps4"))
+    explorer = explore.make_explorer(kit, show=False)
+    ax = explorer.drawn["curves"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 3 and any("cifar10" in l for l in labels) and any("eps 4" in l for l in labels)
+
+
+def test_the_status_counts_run_folders_not_run_names():
+    kit = pd.DataFrame(_kit_rows("adv", run_dir="/runs/figure1/adv") + _kit_rows("adv", run_dir="/runs/mbn/adv", seed=1))
+    explorer = explore.make_explorer(pd.concat([results.paper_results(), kit], ignore_index=True), show=False)
+    explorer.filters["source"].value = "kit"
+    assert "2 models selected (2 kit runs)" in explorer.status.value
+    assert len(explorer.controls["run"].options) == 2

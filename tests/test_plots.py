@@ -127,3 +127,90 @@ def test_figures_drawn_in_tests_without_a_folder_never_touch_the_committed_figur
     ax.plot([0, 1], [1, 0])
     png, pdf = plots.save(fig, "study_claims")  # the name of a committed figure, no folder given
     assert png.exists() and png.parent != project_root() / "figures"
+
+
+# ---------------------------------------------------------------- kit runs written as run.run writes them
+
+KIT_CONFIG = dict(strategy="100% adv + 0% clean", norm="bn", adv_ratio=1.0, clean_ratio=0.0, alp_weight=0.0,
+                  running_stats_epochs=0, finetune_bn=False, arch="small_resnet8", dataset="fashion-mnist",
+                  train_steps=2, train_eps=16.0, batch_size=64, epochs=1, seed=0, n_train=128)
+
+
+def _kit_run(root, folder, curve, targeted=True, eps=16.0, branches=("-",), **config):
+    """A finished run folder (config.json, status.json, results.csv) with ``curve`` [(steps, accuracy 0-1)]."""
+    import json
+
+    run_dir = root / folder
+    run_dir.mkdir(parents=True)
+    name = config.pop("name", folder)
+    (run_dir / "config.json").write_text(json.dumps(KIT_CONFIG | dict(name=name) | config | dict(run_dir=str(run_dir))))
+    (run_dir / "status.json").write_text(json.dumps({"state": "done"}))
+    pd.DataFrame([dict(branch=b, attack="clean" if s == 0 else "pgd", targeted=targeted, eps=eps, step=2.0,
+                       step_rule="fixed", restarts=1, steps=s, accuracy=a, worst_accuracy=a, n=64, seed=0)
+                  for b in branches for s, a in curve]).to_csv(run_dir / "results.csv", index=False)
+    return run_dir
+
+
+def test_untargeted_pgd_runs_are_not_mixed_into_the_papers_targeted_protocol(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "targeted", [(0, 0.8), (10, 0.6), (20, 0.5)], targeted=True)
+    _kit_run(runs, "untargeted", [(0, 0.8), (10, 0.2), (20, 0.1)], targeted=False, seed=1)
+    frame = results.analysis_frame(runs)
+    kit = results.paper_protocol(frame)
+    kit = kit[kit["source"] == "kit"]
+    assert set(kit.loc[kit["steps"] > 0, "run"]) == {"targeted"}
+    table = plots.all_tables(frame, tmp_path / "figures")["table7_kit"]
+    assert table["PGD-20"].tolist() == [50.0]  # not 30.0, the mean of targeted 50 and untargeted 10
+    fig = plots.figure1(frame, tmp_path / "figures")
+    assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[50.0]]
+
+
+def test_table1_reads_every_pgd_row_at_the_pgd_n_its_metric_names(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "madry", [(0, 0.8), (10, 0.6), (100, 0.5)])
+    _kit_run(runs, "mbn", [(0, 0.7), (10, 0.55)], norm="mbn", clean_ratio=1.0, strategy="100% adv + 100% clean",
+             branches=("clean", "adv"))  # evaluated to PGD-10 only
+    table = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")["table1_kit"].set_index("strategy")
+    assert table.loc["100% adv + 0% clean", "metric"] == "PGD-100"
+    assert table.loc["100% adv + 0% clean", "accuracy"] == 50.0
+    mbn_adv = table.loc["MBN_adv, 100% adv + 100% clean"]
+    assert mbn_adv["metric"] == "PGD-100" and np.isnan(mbn_adv["accuracy"])  # not its PGD-10 (55.0) labelled PGD-100
+
+
+def test_tables_keep_runs_of_other_eps_and_data_sets_apart(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "eps16", [(0, 0.8), (10, 0.6)])
+    _kit_run(runs, "eps16-seed1", [(0, 0.8), (10, 0.6)], seed=1)
+    _kit_run(runs, "eps4", [(0, 0.9), (10, 0.2)], eps=4.0, train_eps=4.0)
+    _kit_run(runs, "cifar", [(0, 0.5), (10, 0.1)], dataset="cifar10")
+    tables = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")
+    t7 = tables["table7_kit"].set_index(["dataset", "eps"])["PGD-10"]
+    assert t7.to_dict() == {("cifar10", 16.0): 10.0, ("fashion-mnist", 4.0): 20.0, ("fashion-mnist", 16.0): 60.0}
+    assert tables["table4_kit"]["100% adv + 0% clean"].tolist() == [60.0]  # the runs most share, not a mean of all
+    assert "dataset" not in tables["table7_paper"]  # one data set and eps: the paper's table keeps its columns
+
+
+def test_figures_refuses_a_runs_root_that_does_not_exist_before_running_a_notebook(tmp_path, capsys):
+    from advkit import cli, figures
+
+    missing = tmp_path / "rnus"  # a typo of runs
+    with pytest.raises(ValueError, match="runs_root=.*rnus.*does not exist"):
+        figures.run_analysis_notebooks(str(missing), str(tmp_path / "figures"))
+    assert not missing.exists() and not (tmp_path / "figures").exists()
+    assert cli.main(["figures", "--runs", str(missing), "--out", str(tmp_path / "figures")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_tables_of_a_runs_root_holding_only_bn_finetuning_runs(tmp_path):
+    runs = tmp_path / "runs"
+    _kit_run(runs, "ft-bn-clean", [(0, 0.8), (10, 0.3)], finetune_bn=True, adv_ratio=0.0, clean_ratio=1.0,
+             strategy="0% adv + 100% clean, BN-only finetuning")
+    tables = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")
+    assert tables["table7_kit"].empty and not tables["table7_paper"].empty
+
+
+def test_training_curves_returns_its_figure():
+    metrics = pd.DataFrame(dict(epoch=[1, 2], loss=[2.0, 1.5], train_adv_accuracy=[0.3, 0.4],
+                                train_clean_accuracy=[0.6, 0.7]))
+    fig = plots.training_curves(metrics)
+    assert list(fig.axes[1].lines[0].get_ydata()) == [30.0, 40.0]
