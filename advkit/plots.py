@@ -8,7 +8,6 @@ several seeds exist seaborn draws 95% confidence intervals over them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from . import paper
 from .paths import project_root
 from .results import paper_protocol
 
@@ -152,10 +152,6 @@ def figure3(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
                         "Figure 3: robustness curves through MBN_adv", folder)
 
 
-def depth_of(arch: str) -> int:
-    return int(re.search(r"(\d+)$", arch).group(1))
-
-
 def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Figure 7: accuracy against depth: adversarial training (strongest PGD, 100% adv + 0% clean, running
     statistics) against clean training (clean accuracy, 0% adv + 100% clean)."""
@@ -167,7 +163,7 @@ def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
         clean = rows[(rows["adv_ratio"] == 0) & (rows["steps"] == 0) & (rows["norm"] == "bn")
                      & ~rows["finetune_bn"].astype(bool)]
         both = pd.concat([adversarial.assign(training="adversarial (PGD)"), clean.assign(training="clean (clean acc.)")])
-        return both.assign(depth=both["arch"].map(depth_of))
+        return both.assign(depth=both["arch"].map(paper.depth_of))
 
     def draw(ax, rows):
         for training, part in rows.groupby("training"):
@@ -181,14 +177,28 @@ def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     return side_by_side(frame, select, draw, "figure7", "Figure 7: depth, adversarial against clean training", folder)
 
 
+def one_run(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one run (the lowest seed's) where ``rows`` holds several: each run samples its own channels
+    (``bnstats`` draws them with the run's seed), so channel c of two runs is not one feature to pool."""
+    if rows.empty or "run_dir" not in rows or rows["run_dir"].nunique() <= 1:
+        return rows
+    first = rows.sort_values(["seed", "run_dir"])["run_dir"].iloc[0]
+    return rows[rows["run_dir"] == first]
+
+
 def _statistics_figure(rows: pd.DataFrame, name: str, title: str, draw: Callable, folder) -> plt.Figure:
-    """Mean and variance panels of a BN-statistics figure (kit only: the paper gives no numbers for them)."""
+    """Mean and variance panels of a BN-statistics figure (kit only: the paper gives no numbers for them), of
+    one run (:func:`one_run`), named in the title."""
+    runs = rows["run_dir"].nunique() if "run_dir" in rows else 1
+    rows = one_run(rows)
+    if runs > 1:
+        title += f"; run {rows['run'].iloc[0]}, one of {runs}"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for ax, statistic in zip(axes, ("mean", "var")):
-        if rows.empty:
-            _panel(ax, "kit", rows, None, name, title)
+        part = rows[rows["statistic"] == statistic] if not rows.empty else rows
+        if part.empty:
+            _panel(ax, "kit", part, None, name, title)
             continue
-        part = rows[rows["statistic"] == statistic]
         draw(ax, part, statistic)
         ax.set_xlabel(f"channel of {part['layer'].iloc[0]}")
         ax.tick_params(axis="x", labelsize=6)
@@ -201,12 +211,12 @@ def _statistics_figure(rows: pd.DataFrame, name: str, title: str, draw: Callable
 def figure5(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Figure 5: running mean and variance of MBN_clean against MBN_adv on the sampled channels."""
     rows = bnstats[bnstats["figure"] == 5] if not bnstats.empty else bnstats
-    if "strategy" in rows:  # several runs: one setting, seeds pooled
+    if "strategy" in rows:  # several runs: one setting (one of its runs is drawn)
         rows = dominant(rows, ["dataset", "arch", "layer", "strategy", "running_stats"])
 
     def draw(ax, part, statistic):
         sns.barplot(data=part.assign(BN="MBN_" + part["branch"]), x="channel", y="value", hue="BN", ax=ax,
-                    errorbar=("ci", 95))
+                    errorbar=None)
         ax.set_ylabel(f"running {statistic}")
 
     return _statistics_figure(rows, "figure5", "Figure 5: running statistics of MBN_clean and MBN_adv", draw, folder)
@@ -221,7 +231,7 @@ def figure6(bnstats: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
 
     def draw(ax, part, statistic):
         sns.pointplot(data=part, x="channel", y="value", hue="source", linestyles="none", ax=ax,
-                      errorbar=("ci", 95), dodge=0.3, markersize=3)
+                      errorbar=None, dodge=0.3, markersize=3)
         ax.set_ylabel(f"{statistic} ({'unbiased, like running_var' if statistic == 'var' else 'per channel'})")
 
     return _statistics_figure(rows, "figure6", "Figure 6: batch against running statistics of adversarial "

@@ -669,7 +669,7 @@ def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
     """Depth (C8). Left: strongest-attack accuracy of adversarial training and clean accuracy of standard
     training per depth, mean and 95% interval over seeds. Right: each one's gain over small_resnet8, paired per
     seed (the comparison C8 makes), with its 95% interval."""
-    depth_of = lambda arch: int(arch.split("resnet")[1])
+    depth_of = paper.depth_of
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
     rows = runs[runs["sweep"].isin(["main", "depth"])] if not runs.empty else runs
     for setting, steps, label in DEPTH_CURVES:

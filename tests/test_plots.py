@@ -106,6 +106,25 @@ def test_figures_5_6_from_real_bn_statistics(tmp_path):
     assert "no kit results" in empty.axes[0].texts[0].get_text()
 
 
+def test_figures_5_6_draw_one_run_where_several_sampled_their_own_channels(tmp_path):
+    """Each run samples its BN channels with its own seed: pooling channel c over seeds pooled unrelated features
+    (the decisive study's five seeds gave 32 channels on the axis instead of 20)."""
+    model = fmnist_model(norm="mbn").train()
+    model(torch.rand(32, 1, 28, 28))
+    batches = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    one = bnstats.figure_statistics(model, batches, num_classes=10, channels=6, attack=attacks.Attack(steps=2, step=8))
+    runs = pd.concat([one.assign(channel=one["channel"] + 100 * seed, run=f"r{seed}", run_dir=f"/runs/r{seed}",
+                                 seed=seed, strategy="100% adv + 100% clean", norm="mbn", dataset="fmnist",
+                                 arch="small_resnet8", running_stats=False) for seed in (2, 1)], ignore_index=True)
+    fig5 = plots.figure5(runs, tmp_path)
+    labels = {int(t.get_text()) for t in fig5.axes[0].get_xticklabels()}
+    assert labels == set(one[one["figure"] == 5]["channel"] + 100), labels  # seed 1's channels alone
+    assert "run r1, one of 2" in fig5._suptitle.get_text()
+    means_only = runs[(runs["figure"] == 6) & (runs["statistic"] == "mean")]
+    fig6 = plots.figure6(means_only, tmp_path)  # raised ZeroDivisionError
+    assert "no kit results" in fig6.axes[1].texts[0].get_text()
+
+
 def test_saved_pdfs_carry_no_creation_date_so_a_redrawn_figure_is_the_same_file(tmp_path):
     import matplotlib.pyplot as plt
 
