@@ -21,48 +21,55 @@ def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch,norm_kind,branch,channels,size", [
+ARCHITECTURES = [  # arch, norm kind, branch, input channels, image size
     ("small_resnet8", "bn", None, 1, 28),
     ("small_resnet20", "mbn", "adv", 1, 28),
     ("small_resnet20", "mbn", "clean", 1, 28),
     ("resnet50", "bn", None, 3, 64),
-])
-def test_folded_view_computes_the_same_function_and_leaves_the_model_alone(arch, norm_kind, branch, channels, size):
+]
+
+
+def _model_and_input(arch, norm_kind, branch, channels, size, dtype=torch.float32):
     torch.manual_seed(0)
     model = _randomize_statistics(models.build_model(arch, 10, norm_kind, in_channels=channels,
-                                                     mean=(0.5,) * channels, std=(0.25,) * channels))
+                                                     mean=(0.5,) * channels, std=(0.25,) * channels)).to(dtype)
     if branch:
         norm.set_branch(model, branch)
+    x = torch.rand(4, channels, size, size, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    return model, x
+
+
+@pytest.mark.parametrize("arch,norm_kind,branch,channels,size", ARCHITECTURES)
+def test_folded_view_computes_the_same_function_and_leaves_the_model_alone(arch, norm_kind, branch, channels, size):
+    """In float32 the outputs agree to rounding and the input gradients point the same way; entry by entry they
+    differ where rounding moves a pre-activation across a ReLU's kink (resnet50 with these far-from-initial BN
+    statistics: 18% of the entries beyond 1e-3 relative with 2 threads on an AMD EPYC, none with 1 thread), so the
+    exact comparison of gradients is made in float64 (next test)."""
+    model, x = _model_and_input(arch, norm_kind, branch, channels, size)
     before = _snapshot(model)
     view = fold.fold_batch_norms(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in view.modules())  # every conv -> BN pair folded
-    x = torch.rand(4, channels, size, size, generator=torch.Generator().manual_seed(1), requires_grad=True)
     out, out_view = model(x), view(x)
     torch.testing.assert_close(out_view, out, rtol=1e-4, atol=1e-4)
     grad, = torch.autograd.grad(out[:, 0].sum(), x)
     grad_view, = torch.autograd.grad(out_view[:, 0].sum(), x)
-    # in float32, input gradients differ where rounding moves a pre-activation across a ReLU's kink (seen: 0 to
-    # 11% of the entries with these far-from-initial BN statistics); in float64 they agree (next test)
-    close = torch.isclose(grad_view, grad, rtol=1e-3, atol=1e-4 * grad.abs().max().item()).float().mean()
-    assert close > 0.95 and torch.cosine_similarity(grad_view.flatten(), grad.flatten(), dim=0) > 0.999
+    assert torch.cosine_similarity(grad_view.flatten(), grad.flatten(), dim=0) > 0.999
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     own = {id(p) for p in model.parameters()}  # layers without a BN (fc) are the model's own, shared
     assert all(not p.requires_grad for p in view.parameters() if id(p) not in own)
 
 
-def test_in_float64_the_folded_gradients_are_exact():
-    torch.manual_seed(1)  # a seed whose float32 gradients differ in 11% of the entries
-    model = _randomize_statistics(models.build_model("small_resnet20", 10, "mbn", in_channels=1, mean=(0.5,),
-                                                     std=(0.25,))).double()
-    x = torch.rand(4, 1, 28, 28, dtype=torch.float64, requires_grad=True)
-    for branch in ("adv", "clean"):
-        norm.set_branch(model, branch)
-        out, out_view = model(x), fold.fold_batch_norms(model)(x)
-        grad, = torch.autograd.grad(out[:, 0].sum(), x)
-        grad_view, = torch.autograd.grad(out_view[:, 0].sum(), x)
-        torch.testing.assert_close(out_view, out, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(grad_view, grad, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("arch,norm_kind,branch,channels,size", ARCHITECTURES)
+def test_in_float64_the_folded_outputs_and_gradients_are_exact(arch, norm_kind, branch, channels, size):
+    """Exact to float64 rounding (seen: outputs 4e-12, gradients 4e-15 of their largest entry for resnet50): a
+    fold that drops BN's eps fails here for every architecture (in float32 above, small_resnet8 lets it pass)."""
+    model, x = _model_and_input(arch, norm_kind, branch, channels, size, torch.float64)
+    out, out_view = model(x), fold.fold_batch_norms(model)(x)
+    grad, = torch.autograd.grad(out[:, 0].sum(), x)
+    grad_view, = torch.autograd.grad(out_view[:, 0].sum(), x)
+    torch.testing.assert_close(out_view, out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_view, grad, rtol=1e-10, atol=1e-12 * grad.abs().max().item())
 
 
 def test_the_view_follows_later_weight_changes_and_the_selected_branch():
@@ -106,8 +113,9 @@ def test_nothing_is_folded_for_group_norm_or_batch_statistics():
 
 @pytest.mark.parametrize("branch", [None, "adv", "clean"])
 def test_folded_and_unfolded_attacks_agree_on_a_trained_model(clean_trained_model, fmnist_test, branch):
-    """Tolerance that holds: adversarial images are identical except where a gradient entry is so close to zero
-    that float rounding flips its sign (then that example's path drifts); accuracy agrees exactly here."""
+    """Adversarial images are identical except for the few examples where a gradient entry is so close to zero that
+    float rounding flips its sign; that example's path then drifts (seen: 2-3 of 128 examples, 1-55 of their
+    784 pixels). A fold of the wrong branch moves all 128. Accuracy agrees exactly here."""
     x, y = fmnist_test[0][:128], fmnist_test[1][:128]
     model = clean_trained_model
     if branch:  # an MBN model started from the trained BN weights, its branches made different
@@ -122,8 +130,8 @@ def test_folded_and_unfolded_attacks_agree_on_a_trained_model(clean_trained_mode
                          generator=torch.Generator().manual_seed(0))
     plain = attacks.pgd(model, x, y, attacks.Attack(fold_bn=False, **kw), num_classes=10,
                         generator=torch.Generator().manual_seed(0))
-    same_pixels = ((folded - plain).abs() < 1e-6).float().mean().item()
-    assert same_pixels > 0.999
+    drifted = ((folded - plain).abs() >= 1e-6).flatten(1).any(1)
+    assert drifted.float().mean().item() <= 0.05
     with torch.no_grad():
         assert torch.equal(model(folded).argmax(1) == y, model(plain).argmax(1) == y)
     final_folded, _ = evaluate.curve_batch(model, x, y, attacks.Attack(eps=16, step=1), checkpoints=[3, 10], num_classes=10)

@@ -113,7 +113,8 @@ def test_the_relayered_code_trains_bit_identical_weights(tmp_path):
     script = ("from advkit import train; from advkit.config import make_config\n"
               f"train.train(make_config('test', name='before', runs_root={str(tmp_path)!r}, **{kw!r}), "
               "show_progress=False)\n")
-    env = os.environ | {"PYTHONPATH": str(old), "ADVKIT_DATA": str(data.default_root())}
+    env = os.environ | {"PYTHONPATH": str(old), "ADVKIT_DATA": str(data.default_root()),
+                        "OMP_NUM_THREADS": str(torch.get_num_threads())}  # sums over other threads round otherwise
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     run.train_run(make_config("test", name="after", runs_root=str(tmp_path), **kw), show_progress=False)

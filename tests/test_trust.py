@@ -245,10 +245,13 @@ def test_load_run_gives_the_config_and_the_evaluated_model(tmp_path):
         advkit.load_run(tmp_path / "nothing")
 
 
-def test_a_sweep_point_and_the_same_config_run_directly_give_identical_weights(tmp_path):
+def test_a_sweep_point_and_the_same_config_run_directly_give_identical_weights(tmp_path, monkeypatch):
     """Defect 7: same configuration, same numbers on one machine (the sweep runs the point through papermill in
-    a fresh kernel; the direct run is this process)."""
+    a fresh kernel; the direct run is this process). The kernel gets this process's thread count: with
+    OMP_NUM_THREADS=1 in the shell it ran on 1 thread against this process's 2, and its sums rounded otherwise."""
     from advkit import sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
     point = dict(TINY, preset="test", name="p", clean_ratio=0.5, norm="mbn")
     (tmp_path / "s.yaml").write_text(json.dumps({"runs_root": str(tmp_path / "swept"), "points": [point]}))
