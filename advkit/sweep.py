@@ -335,8 +335,7 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
             os.environ[ATTEMPT_VARIABLE] = previous
     if run.written_by(attempt.name):
         os.replace(attempt, run.notebook)
-    with contextlib.suppress(OSError):
-        discard()
+    discard()
 
 
 def _run_point(point: Point, kernel: str | None, progress: bool) -> None:

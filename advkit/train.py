@@ -186,9 +186,11 @@ class Loop:
 COUNTERS = ("loss", "batches", "n_adv", "correct_adv", "n_clean", "correct_clean", "attack_seconds")
 
 
-def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | None = None) -> nn.Module:
-    """Train as ``cfg`` says in its run folder, which :func:`advkit.run.start` has prepared (``checkpoint``: the
-    state to resume from, which it loaded); write metrics and checkpoints; return the model.
+def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | None = None,
+          init_model: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Train as ``cfg`` says in its run folder, which :func:`advkit.run.run` has prepared (``checkpoint``: the
+    state to resume from, which it loaded; ``init_model``: the weights of ``cfg.init_checkpoint``, if the caller
+    has read them, else read here); write metrics and checkpoints; return the model.
 
     Under torchrun every process calls it: the global batch is split across ranks, gradients are averaged by DDP,
     BN statistics stay per replica (as in the paper) unless ``sync_bn``, and only rank 0 writes. The model
@@ -198,7 +200,8 @@ def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | 
     """
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
-    init_model = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
+    if init_model is None and cfg.init_checkpoint:
+        init_model = load_checkpoint(cfg.init_checkpoint)["model"]
     resumed_step = checkpoint["step"] if checkpoint is not None else None
     with sigterm_flag() as sigterm, tblog.training_writer(RunDir(cfg.run_dir), cfg.tensorboard and ctx.main,
                                                           resumed_step) as writer:  # a SIGTERM stops at a step boundary

@@ -157,6 +157,32 @@ def test_bn_only_finetuning_changes_nothing_but_bn(tmp_path):
     assert all(k.rsplit(".", 1)[0] in bn_names for k in changed), changed
 
 
+def test_a_finetuning_run_reads_its_source_checkpoint_once(tmp_path, monkeypatch):
+    """Checking the source fits, training from it and (on a resume) checking it still holds the weights the run
+    started from take one read: a ResNet-638 checkpoint is large. The code before read it twice, and three times
+    on a resume."""
+    from advkit import run as run_module
+    from advkit import train as train_module
+
+    base = make_config("test", name="base", runs_root=str(tmp_path), epochs=1, train_steps=1)
+    run.train_run(base, show_progress=False)
+    source = str(tmp_path / "base" / "checkpoints" / "last.pt")  # trained, not evaluated
+    reads = []
+
+    def counting(path):
+        reads.append(str(path))
+        return rundir.load_checkpoint(path)
+
+    monkeypatch.setattr(run_module, "load_checkpoint", counting)
+    monkeypatch.setattr(train_module, "load_checkpoint", counting)
+    ft = dict(name="ft", runs_root=str(tmp_path), adv_ratio=0, clean_ratio=1, finetune_bn=True, init_checkpoint=source,
+              train_steps=1)
+    run.train_run(make_config("test", epochs=1, **ft), show_progress=False)
+    assert reads.count(source) == 1, reads
+    run.train_run(make_config("test", epochs=2, resume=True, **ft), show_progress=False)
+    assert reads.count(source) == 2, reads
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     cfg = make_config("test", name="res", runs_root=str(tmp_path), epochs=1)
     run.train_run(cfg, show_progress=False)
