@@ -132,15 +132,16 @@ def selected(explorer: Explorer) -> pd.DataFrame:
 
 def _label(rows: pd.DataFrame) -> pd.Series:
     """A model's legend label: source, strategy, norm, branch, running statistics, network, and the training
-    PGD-N, batch size, data set and eps where the rows hold several (the paper's Table 7 varies the first two;
-    runs of two data sets or eps are two models, never one model's seeds)."""
+    PGD-N, batch size, data set, eps and recipe where the rows hold several (the paper's Table 7 varies the first
+    two; runs of two data sets, eps or recipes are two models, never one model's seeds)."""
     branch = rows["branch"].map(lambda b: "" if b == "-" else f" MBN_{b}")
     running = rows["running_stats"].map(lambda r: ", running stats" if r else "")
     label = rows["source"] + ": " + rows["strategy"] + ", " + rows["norm"] + branch + running + ", " + rows["arch"]
     for column, name in (("train_steps", ", train PGD-"), ("batch_size", ", batch "), ("dataset", ", "),
-                         ("eps", ", eps ")):
-        if rows[column].nunique() > 1:
-            label = label + name + rows[column].astype(str)
+                         ("eps", ", eps "), ("recipe", ", ")):
+        if column in rows and rows[column].nunique() > 1:
+            values = rows[column].replace("", "the recipe most runs share") if column == "recipe" else rows[column]
+            label = label + name + values.astype(str)
     return label
 
 

@@ -47,9 +47,10 @@ def _mode(series: pd.Series):
 
 def dominant(frame: pd.DataFrame, columns: list[str], reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """Rows of ``frame`` with the most frequent value of each column in ``reference`` (default ``frame``): one
-    panel compares like with like, at the setting most runs share (the paper: ResNet-152, batch 4096, PGD-30)."""
+    panel compares like with like, at the setting most runs share (the paper: ResNet-152, batch 4096, PGD-30).
+    A column the frame lacks (a table made by hand without ``recipe``) is not chosen on."""
     reference = frame if reference is None else reference
-    for column in columns:
+    for column in (c for c in columns if c in frame):
         value = _mode(reference[column])
         if value is not None:
             frame = frame[frame[column] == value]
@@ -64,7 +65,8 @@ def scale_note(frame: pd.DataFrame) -> str:
     archs = frame["arch"].unique()
     parts = [str(_mode(frame["dataset"])), str(archs[0]) if len(archs) == 1 else "several depths",
              f"train PGD-{_mode(frame['train_steps'])}", f"eps {_mode(frame['eps']):g}"]
-    return ", ".join(parts)
+    recipe = _mode(frame["recipe"]) if "recipe" in frame else None
+    return ", ".join(parts + ([recipe] if recipe else []))
 
 
 def _panel(ax: plt.Axes, source: str, rows: pd.DataFrame, draw: Callable, name: str, title: str) -> None:
@@ -110,7 +112,7 @@ def figure1(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "bn") & ~chosen["alp"].astype(bool) & ~chosen["running_stats"].astype(bool)]
-        return _max_steps(dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows))
+        return _max_steps(dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps", "recipe"], rows))
 
     def draw(ax, rows):
         sns.lineplot(data=rows.assign(clean_pct=rows["clean_ratio"] * 100), x="clean_pct", y="accuracy",
@@ -134,7 +136,7 @@ def figure2(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "bn") & chosen["clean_ratio"].isin([0.0, 1.0])
                         & ~chosen["running_stats"].astype(bool)]
-        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows)
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps", "recipe"], rows)
 
     return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure2",
                         "Figure 2: robustness curves with standard BN", folder)
@@ -146,7 +148,7 @@ def figure3(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         chosen = _plain_adversarial(rows)
         chosen = chosen[(chosen["norm"] == "mbn") & (chosen["branch"] == "adv") & ~chosen["running_stats"].astype(bool)]
-        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps"], rows)
+        return dominant(chosen, ["dataset", "arch", "batch_size", "train_steps", "eps", "recipe"], rows)
 
     return side_by_side(frame, select, lambda ax, rows: _curves(rows, ax), "figure3",
                         "Figure 3: robustness curves through MBN_adv", folder)
@@ -159,7 +161,7 @@ def figure7(frame: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure
     def select(rows):
         adversarial = rows[(rows["adv_ratio"] == 1) & (rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
                            & rows["running_stats"].astype(bool) & ~rows["finetune_bn"].astype(bool)]
-        adversarial = _max_steps(dominant(adversarial, ["dataset", "batch_size", "train_steps", "eps"], rows))
+        adversarial = _max_steps(dominant(adversarial, ["dataset", "batch_size", "train_steps", "eps", "recipe"], rows))
         clean = rows[(rows["adv_ratio"] == 0) & (rows["steps"] == 0) & (rows["norm"] == "bn")
                      & ~rows["finetune_bn"].astype(bool)]
         both = pd.concat([adversarial.assign(training="adversarial (PGD)"), clean.assign(training="clean (clean acc.)")])
@@ -265,7 +267,7 @@ def table7(frame: pd.DataFrame) -> pd.DataFrame:
     rows = frame[~frame["finetune_bn"].astype(bool)]
     rows = rows.assign(setting=_settings(rows),
                        metric=rows["steps"].map(lambda s: "clean" if s == 0 else f"PGD-{s}"))
-    varying = [c for c in ("dataset", "eps") if rows[c].nunique() > 1]
+    varying = [c for c in ("dataset", "eps", "recipe") if c in rows and rows[c].nunique() > 1]
     table = rows.pivot_table(index=[*varying, "arch", "batch_size", "train_steps", "setting"], columns="metric",
                              values="accuracy", aggfunc="mean")
     ordered = [c for c in ("clean",) if c in table] + sorted((c for c in table.columns if c != "clean"),
@@ -286,6 +288,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
     and MBN_adv, with and without ALP (no running statistics). Every PGD row is read at the one PGD-N its
     ``metric`` names (NaN where a strategy was not evaluated there), so differences compare like with like."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
+    rows = dominant(rows, ["recipe"])
     rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps", "eps"], frame), rows[rows["adv_ratio"] == 0]])
     strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
     out = []
@@ -309,7 +312,7 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table2(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 2: strongest-PGD accuracy without and with running statistics in the last epochs."""
-    rows = dominant(_plain_adversarial(frame), ["arch", "batch_size", "train_steps", "eps"], frame)
+    rows = dominant(_plain_adversarial(frame), ["arch", "batch_size", "train_steps", "eps", "recipe"], frame)
     rows = rows[(rows["steps"] == rows["steps"].max()) & ((rows["clean_ratio"] == 0) & (rows["norm"] == "bn")
                                                           | (rows["branch"] == "adv") & (rows["clean_ratio"] == 1))]
     rows = rows.assign(setting=_settings(rows, running_stats_mark=False),
@@ -345,12 +348,14 @@ def all_tables(frame: pd.DataFrame, folder: str | Path | None = None) -> dict[st
         built = {
             "table1": table1(dominant(rows, ["dataset", "arch", "batch_size", "eps"])),  # one network, one eps
             "table2": table2(dominant(rows, ["dataset"])),
-            "table4": table_by(dominant(rows[plain & two_extremes], ["dataset", "eps", "arch", "batch_size"]),
+            "table4": table_by(dominant(rows[plain & two_extremes], ["dataset", "eps", "arch", "batch_size", "recipe"]),
                                "train_steps", "setting"),
-            "table5": table_by(dominant(rows[rs_strategies], ["dataset", "eps", "arch", "batch_size"]), "setting",
+            "table5": table_by(dominant(rows[rs_strategies], ["dataset", "eps", "arch", "batch_size", "recipe"]),
+                               "setting",
                                "train_steps"),
             "table6": table_by(dominant(rows[(rows["clean_ratio"] == 0) & rows["running_stats"].astype(bool)],
-                                        ["dataset", "eps", "arch", "train_steps"], rows), "batch_size", "setting"),
+                                        ["dataset", "eps", "arch", "train_steps", "recipe"], rows), "batch_size",
+                               "setting"),
             "table7": table7(rows),
         }
         for name, table in built.items():

@@ -7,12 +7,16 @@ The analysis schema has one row per (model, MBN branch, attack): ``source`` ('pa
 where ``targeted``;
 kit runs evaluated with ``eval_autoattack_n`` also 'apgd-ce', 'apgd-t' and their worst case 'autoattack', on
 their first ``n`` test images), ``steps`` (0: clean images), ``accuracy`` and ``worst_accuracy`` in percent,
-``n``. One plotting function then serves both sources; the paper's figures use :func:`paper_protocol`.
+``n``, and ``recipe`` (what a kit run's training and evaluation change from the recipe most runs under its root
+share, '' for those: runs that differ in it are different models, never seeds of one). One plotting function
+then serves both sources; the paper's figures use :func:`paper_protocol`.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +29,19 @@ from .rundir import DamagedFile, RunDir
 PAPER_DIR = project_root() / "data" / "paper"
 SCHEMA = ["source", "run", "dataset", "arch", "batch_size", "train_steps", "eps", "adv_ratio", "clean_ratio", "norm",
           "branch", "alp", "running_stats", "finetune_bn", "seed", "strategy", "attack", "targeted", "steps",
-          "accuracy", "worst_accuracy", "n"]
+          "accuracy", "worst_accuracy", "n", "recipe"]
 PAPER_PROTOCOL = ("clean", "pgd")  # the paper's attacks; AutoAttack's rows are 'apgd-ce', 'apgd-t', 'autoattack'
 CONFIG_COLUMNS = ["name", "strategy", "norm", "adv_ratio", "clean_ratio", "alp_weight", "running_stats_epochs",
                   "finetune_bn", "arch", "dataset", "train_steps", "train_eps", "batch_size", "epochs", "seed", "n_train"]
+# The config keys that are no part of a run's recipe: its name, folder and seed, where and how it ran
+# (config.WHERE_AND_HOW; a test keeps them in step), what it logs, where it started from (a path per seed; the
+# source's own recipe decides), and what the schema holds as columns of its own (figures vary those on purpose).
+NOT_RECIPE = frozenset({
+    "name", "run_dir", "seed", "runs_root", "resume", "overwrite", "data_root", "num_workers", "checkpoint_every_steps",
+    "decode", "attack_compile", "device", "tensorboard", "sanity_n", "bnstats_channels", "bnstats_layer",
+    "init_checkpoint", "eval_batch_size", "eval_checkpoints", "eval_autoattack_n", "eval_eps", "eval_targeted",
+    "strategy", "adv_ratio", "clean_ratio", "norm", "alp_weight", "running_stats_epochs", "finetune_bn", "arch",
+    "dataset", "train_steps", "batch_size"})
 BNSTATS_COLUMNS = ["figure", "layer", "branch", "channel", "source", "statistic", "value"]
 
 
@@ -95,6 +108,17 @@ def _warn_damaged(others: pd.DataFrame) -> None:
                       + "; ".join(damaged["error"]), stacklevel=3)
 
 
+def recipe_labels(configs: list[dict]) -> list[str]:
+    """Each run's recipe (its config without :data:`NOT_RECIPE`) as what it changes from the recipe most of
+    ``configs`` share: '' for those, else e.g. 'epochs=16, lr=0.05' ('n_train unset' where a config lacks a key)."""
+    recipes = [{k: json.dumps(v, sort_keys=True) for k, v in cfg.items() if k not in NOT_RECIPE} for cfg in configs]
+    if not recipes:
+        return []
+    common = dict(Counter(tuple(sorted(r.items())) for r in recipes).most_common(1)[0][0])
+    return [", ".join(f"{k}={json.loads(r[k])}" if k in r else f"{k} unset"
+                      for k in sorted(r.keys() | common.keys()) if r.get(k) != common.get(k)) for r in recipes]
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
     """Every finished run under ``root``: config columns + its ``results.csv`` rows (accuracies as fractions).
 
@@ -104,13 +128,14 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     finished, others = scan_runs(root)
     _warn_damaged(others)
     frames = []
-    for run_dir, cfg, results, _ in finished:
+    for (run_dir, cfg, results, _), recipe in zip(finished, recipe_labels([cfg for _, cfg, _, _ in finished])):
         for column in reversed(CONFIG_COLUMNS):
             if column not in results:
                 results.insert(0, column, [cfg.get(column)] * len(results))
         results.insert(0, "run_dir", str(run_dir))
-        frames.append(results)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_dir", *CONFIG_COLUMNS])
+        frames.append(results.assign(recipe=recipe))
+    return (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=["run_dir", *CONFIG_COLUMNS, "recipe"]))
 
 
 def unfinished_runs(root: str | Path) -> pd.DataFrame:
@@ -135,7 +160,8 @@ def _in_schema(runs: pd.DataFrame) -> pd.DataFrame:
         "alp": runs["alp_weight"] > 0, "running_stats": runs["running_stats_epochs"] > 0,
         "finetune_bn": runs["finetune_bn"].astype(bool), "seed": runs["seed"], "strategy": runs["strategy"],
         "attack": attack_column(runs), "targeted": targeted_column(runs), "steps": runs["steps"],
-        "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100, "n": runs["n"]})
+        "accuracy": runs["accuracy"] * 100, "worst_accuracy": runs["worst_accuracy"] * 100, "n": runs["n"],
+        "recipe": runs["recipe"]})
     return frame[SCHEMA]
 
 
@@ -151,7 +177,7 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                      batch_size=r["batch_size"], train_steps=r["train_pgd_steps"], eps=16.0, adv_ratio=1.0,
                      clean_ratio=r["clean_ratio"], norm=norm, branch=branch, alp=bool(r["alp"]),
                      running_stats=bool(r["running_stats"]), finetune_bn=False, seed=np.nan,
-                     strategy=paper.strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000)
+                     strategy=paper.strategy_label(1.0, r["clean_ratio"], bool(r["alp"])), n=50000, recipe="")
         for column, steps in [("clean", 0), ("pgd10", 10), ("pgd20", 20), ("pgd100", 100), ("pgd500", 500),
                               ("pgd2000", 2000)]:
             rows.append(model | dict(attack="pgd" if steps else "clean", targeted=True, steps=steps, accuracy=r[column],
@@ -164,7 +190,8 @@ def paper_results(folder: str | Path = PAPER_DIR) -> pd.DataFrame:
                          batch_size=4096, train_steps=30 if r["adv_ratio"] else 0, eps=16.0, adv_ratio=r["adv_ratio"],
                          clean_ratio=r["clean_ratio"], norm=norm, branch=r["eval_bn"], alp=alp, running_stats=False,
                          finetune_bn=False, seed=np.nan, strategy=paper.strategy_label(r["adv_ratio"], r["clean_ratio"], alp),
-                         attack="clean", targeted=True, steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000))
+                         attack="clean", targeted=True, steps=0, accuracy=r["value"], worst_accuracy=np.nan, n=50000,
+                         recipe=""))
     return pd.DataFrame(rows)[SCHEMA]
 
 

@@ -370,6 +370,15 @@ def test_runs_of_two_data_sets_or_eps_are_two_curves_not_one_models_seeds():
     assert len(labels) == 3 and any("cifar10" in l for l in labels) and any("eps 4" in l for l in labels)
 
 
+def test_runs_of_another_recipe_are_another_curve_not_a_seed():
+    kit = pd.DataFrame(_kit_rows("a", recipe="") + _kit_rows("a-seed1", seed=1, run_dir="/runs/a-seed1", recipe="")
+                       + _kit_rows("long", run_dir="/runs/long", recipe="epochs=16"))
+    explorer = explore.make_explorer(kit, show=False)
+    labels = [t.get_text() for t in explorer.drawn["curves"].axes[0].get_legend().get_texts()]
+    assert len(labels) == 2 and any(l.endswith("epochs=16") for l in labels), labels
+    assert any(l.endswith("the recipe most runs share") for l in labels), labels
+
+
 def test_the_status_counts_run_folders_not_run_names():
     kit = pd.DataFrame(_kit_rows("adv", run_dir="/runs/figure1/adv") + _kit_rows("adv", run_dir="/runs/mbn/adv", seed=1))
     explorer = explore.make_explorer(pd.concat([results.paper_results(), kit], ignore_index=True), show=False)

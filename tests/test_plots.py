@@ -209,6 +209,38 @@ def test_tables_keep_runs_of_other_eps_and_data_sets_apart(tmp_path):
     assert "dataset" not in tables["table7_paper"]  # one data set and eps: the paper's table keeps its columns
 
 
+def test_runs_of_another_recipe_are_another_model_never_a_seed(tmp_path):
+    """Runs that differ in what the schema has no column for (epochs here; n_train, lr, alpha, eval_step ...) were
+    averaged as seeds of one model. They are now labelled by what they change and kept apart."""
+    runs = tmp_path / "runs"
+    _kit_run(runs, "short", [(0, 0.8), (10, 0.6)])
+    _kit_run(runs, "short-seed1", [(0, 0.8), (10, 0.4)], seed=1)
+    _kit_run(runs, "long", [(0, 0.9), (10, 0.1)], epochs=16, eval_step=0.5)
+    frame = results.analysis_frame(runs)
+    kit = frame[frame["source"] == "kit"].drop_duplicates("run").set_index("run")["recipe"]
+    assert kit.to_dict() == {"short": "", "short-seed1": "", "long": "epochs=16, eval_step=0.5"}
+    tables = plots.all_tables(frame, tmp_path / "figures")
+    assert tables["table4_kit"]["100% adv + 0% clean"].tolist() == [50.0]  # not 36.7 with the long run's 10
+    assert tables["table7_kit"].set_index("recipe")["PGD-10"].to_dict() == {"": 50.0, "epochs=16, eval_step=0.5": 10.0}
+    fig = plots.figure1(frame, tmp_path / "figures")
+    assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[50.0]]
+
+
+def test_recipe_labels_name_what_differs_from_the_common_recipe():
+    base = dict(KIT_CONFIG, lr=0.1, run_dir="/r/a")
+    labels = results.recipe_labels([base, base | dict(seed=3, name="b", run_dir="/r/b", init_checkpoint="/r/x"),
+                                    base | dict(lr=0.05), {k: v for k, v in base.items() if k != "n_train"}])
+    assert labels == ["", "", "lr=0.05", "n_train unset"]
+
+
+def test_what_is_no_part_of_a_recipe_covers_where_and_how_a_run_ran():
+    from advkit import config
+
+    assert set(config.WHERE_AND_HOW) <= results.NOT_RECIPE
+    assert {"epochs", "n_train", "lr", "alpha", "eq1_weighting", "width_multiplier", "eval_step", "bf16",
+            "zero_init_residual"}.isdisjoint(results.NOT_RECIPE)
+
+
 def test_figures_refuses_a_runs_root_that_does_not_exist_before_running_a_notebook(tmp_path, capsys):
     from advkit import cli, figures
 
