@@ -226,6 +226,21 @@ def test_runs_of_another_recipe_are_another_model_never_a_seed(tmp_path):
     assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[50.0]]
 
 
+def test_panels_choose_their_setting_among_their_own_runs(tmp_path):
+    """Three standard-training runs carry an unused train PGD-2 in their configs; the one adversarial run trained
+    with PGD-5. The mode over all runs (PGD-2) left Figure 1's kit panel and Table 1's adversarial row empty."""
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        _kit_run(runs, f"standard-seed{seed}", [(0, 0.9), (10, 0.0)], adv_ratio=0.0, clean_ratio=1.0, seed=seed,
+                 strategy="0% adv + 100% clean")
+    _kit_run(runs, "madry", [(0, 0.8), (10, 0.6)], train_steps=5)
+    frame = results.analysis_frame(runs)
+    fig = plots.figure1(frame, tmp_path / "figures")
+    assert [list(line.get_ydata()) for line in fig.axes[1].lines] == [[60.0]]
+    table = plots.all_tables(frame, tmp_path / "figures")["table1_kit"].set_index("strategy")["accuracy"]
+    assert table["100% adv + 0% clean"] == 60.0 and table["0% adv + 100% clean"] == 90.0
+
+
 def test_recipe_labels_name_what_differs_from_the_common_recipe():
     base = dict(KIT_CONFIG, lr=0.1, run_dir="/r/a")
     labels = results.recipe_labels([base, base | dict(seed=3, name="b", run_dir="/r/b", init_checkpoint="/r/x"),
