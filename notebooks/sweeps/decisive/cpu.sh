@@ -23,5 +23,7 @@ py=$root/.venv/bin/python  # run from $study: its advkit (the frozen commit) com
 $py -m advkit.cli data > /dev/null
 $py -c "from advkit import device; print('code', device.code_version())"
 paths=(); for f in "${files[@]}"; do paths+=("$HERE/$f.yaml"); done
-exec $py "$HERE/run_direct.py" "${paths[@]}" --jobs 2 --deadline "$deadline" --logs runs/direct-logs \
+# --stop inf: a run started before the deadline runs to its end (run_direct's --stop defaults to the deadline,
+# which would send SIGTERM to the runs still running at the deadline: their work stays only as a checkpoint)
+exec $py "$HERE/run_direct.py" "${paths[@]}" --jobs 2 --deadline "$deadline" --stop inf --logs runs/direct-logs \
   --recorded "$root/data/results/decisive/runs.csv"
