@@ -23,8 +23,9 @@ PAUSED = 3.0  # an epoch over 3x the run's median epoch was paused or stopped: i
 
 def measured_minutes(run: RunDir) -> float | None:
     """Core-minutes a finished run took: its epochs' training seconds (metrics.jsonl, which survive a resume; an
-    epoch over ``PAUSED`` x the median counts as the median) plus its evaluation (from the last checkpoint to
-    results.csv), times its threads and processes. These are wall times of the run's own processes: on a shared
+    epoch over ``PAUSED`` x the median counts as the median) plus its evaluation (from the last checkpoint, or
+    from the start of the attempt that evaluated it again, environment.json's, to results.csv), times its threads
+    and processes. These are wall times of the run's own processes: on a shared
     machine, or when an evaluation was paused, they overstate the work. None for a run that is not finished."""
     if not run.finished() or not run.last_checkpoint.exists():
         return None
@@ -37,7 +38,8 @@ def measured_minutes(run: RunDir) -> float | None:
     typical = statistics.median(seconds) if seconds else 0.0
     training = sum(typical if s > PAUSED * typical else s for s in seconds)
     processes = max((record.get("processes", 1) for record in metrics), default=1)
-    evaluation = max(0.0, run.results_file.stat().st_mtime - run.last_checkpoint.stat().st_mtime)
+    evaluation_began = max(run.last_checkpoint.stat().st_mtime, run.environment_file.stat().st_mtime)
+    evaluation = max(0.0, run.results_file.stat().st_mtime - evaluation_began)
     return (training + evaluation) * threads * processes / 60
 
 

@@ -20,8 +20,10 @@ def _finished_run(folder, epoch_seconds, evaluation_seconds, threads=1):
     run.last_checkpoint.write_bytes(b"weights")
     run.results_file.write_text("branch,attack,targeted,eps,step,step_rule,restarts,steps,accuracy,worst_accuracy,n,seed\n-,clean,True,8,1,fixed,1,0,0.9,0.9,10,0\n")
     run.write_status("done")
+    os.utime(run.environment_file, (0.0, 0.0))  # the attempt began before training
     os.utime(run.last_checkpoint, (1000.0, 1000.0))
     os.utime(run.results_file, (1000.0 + evaluation_seconds, 1000.0 + evaluation_seconds))
+    return run
 
 
 @pytest.fixture
@@ -53,6 +55,15 @@ def test_finished_runs_are_measured_and_the_others_take_the_median_of_their_poin
     out = capsys.readouterr().out
     assert "finished: 2 runs, 0.3 core-hours measured" in out
     assert "left: 4 runs, about 0.1 core-hours" in out and "no estimate yet for dear" in out
+
+
+def test_a_run_evaluated_again_later_counts_that_evaluation_not_the_days_between(sweep_file, tmp_path):
+    """A finished run evaluated again a day later (other eval_* in the sweep file): its new attempt writes
+    environment.json, reuses the checkpoint and writes results.csv. The code before counted the whole day."""
+    run = _finished_run(tmp_path / "runs" / "cheap-seed0", [60, 60, 60], 60)
+    os.utime(run.environment_file, (1000.0 + 86400, 1000.0 + 86400))
+    os.utime(run.results_file, (1000.0 + 86400 + 90, 1000.0 + 86400 + 90))
+    assert plan.measured_minutes(run) == pytest.approx((3 * 60 + 90) / 60)
 
 
 def test_a_run_that_is_not_finished_is_not_measured(sweep_file, tmp_path):
