@@ -46,6 +46,8 @@ SLURM_KEYS: dict[str, tuple[type, str]] = {
     "array_parallelism": (int, "jobs of one array that run at once (cluster=local: points at once)"),
     "max_num_timeout": (int, "requeues after reaching the time limit (default 3; pre-emptions do not count)"),
     "folder": (str, "submitit's folder: job scripts, pickles and logs (default: <runs_root>/.submitit)"),
+    "gpus": (str, "cluster=local only: the jobs' device slots as --gpus gives them, with / between (0/1, or "
+                  "0/0/1/1 for two jobs per device; default: one per GPU this machine has)"),
 }
 SLURM_DEFAULTS = {"cluster": "slurm", "signal_delay_s": 120, "max_num_timeout": 3}
 CLUSTERS = ("slurm", "local")
@@ -88,6 +90,13 @@ def parse_slurm(text: str) -> dict[str, Any]:
                      ("max_num_timeout", 0), ("signal_delay_s", 1)):
         if key in options:
             check_range(f"--slurm {key}", options[key], low, integer=True)
+    if "gpus" in options:
+        if options["cluster"] != "local":
+            raise ValueError(f"--slurm gpus={options['gpus']} is not accepted with cluster={options['cluster']}: "
+                             "SLURM gives each job its GPUs (gpus is for cluster=local)")
+        from .slots import parse_gpus
+
+        options["gpus"] = parse_gpus(options["gpus"].replace("/", ","))
     if "mem_gb" in options:
         check_range("--slurm mem_gb", options["mem_gb"], 0, low_open=True)
     if options["signal_delay_s"] >= 60 * options["timeout_min"]:
@@ -107,6 +116,18 @@ def check_points(points: list, options: dict[str, Any]) -> None:
     if options["cluster"] == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         raise ValueError("--slurm cluster=slurm is not accepted here: SLURM's sbatch and srun are not on PATH; run "
                          "the sweep on the cluster's login node (cluster=local runs the jobs on this machine)")
+
+
+def local_slots(options: dict[str, Any]) -> list[str] | None:
+    """cluster=local: the device slots its jobs share (``gpus``, else one per GPU torch sees here; None without
+    GPUs). submitit's local executor alone gives every job ``CUDA_VISIBLE_DEVICES=0..gpus-1``: with several jobs
+    at once on a machine of several GPUs, all of them ran on the first."""
+    if options.get("gpus"):
+        return options["gpus"]
+    import torch
+
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)] if count else None
 
 
 def make_executor(options: dict[str, Any], folder: Path) -> submitit.AutoExecutor:
@@ -141,14 +162,16 @@ class PointJob:
     """A submitit job running one point (``command``: ``advkit sweep FILE --point NAME``) in a subprocess that
     ignores submitit's pre-emption signal (a cluster may send it to every process of the job), so that the signal
     reaches the run only as the SIGTERM of :meth:`checkpoint`. ``gpus``: the point's processes (threads per
-    process: the job's cores / gpus, unless OMP_NUM_THREADS is set)."""
+    process: the job's cores / gpus, unless OMP_NUM_THREADS is set); ``devices``: the point's
+    ``CUDA_VISIBLE_DEVICES`` (cluster=local's slots; None: as submitit set it)."""
 
-    def __init__(self, command: list[str], gpus: int = 1, stop_timeout_s: float = 100.0) -> None:
-        self.command, self.gpus, self.stop_timeout_s = list(command), gpus, stop_timeout_s
+    def __init__(self, command: list[str], gpus: int = 1, stop_timeout_s: float = 100.0,
+                 devices: str | None = None) -> None:
+        self.command, self.gpus, self.stop_timeout_s, self.devices = list(command), gpus, stop_timeout_s, devices
         self._process: subprocess.Popen | None = None
 
     def __call__(self) -> None:
-        env = dict(os.environ)
+        env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": self.devices} if self.devices is not None else {})
         if "OMP_NUM_THREADS" not in env:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, cores // self.gpus))
@@ -169,7 +192,7 @@ class PointJob:
         if self._process is not None and self._process.returncode is None:
             print("[sweep] pre-emption or time limit: stopping the run at a checkpoint, then requeueing", flush=True)
             _stop(self._process.pid, self.stop_timeout_s)
-        return DelayedSubmission(PointJob(self.command, self.gpus, self.stop_timeout_s))
+        return DelayedSubmission(PointJob(self.command, self.gpus, self.stop_timeout_s, self.devices))
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_process": None}  # a process is no part of a pickled job
@@ -194,25 +217,31 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
     """``advkit sweep FILE --slurm key=value,...``: every unfinished point as a submitit job (see the module's
     text); the options and every point are checked before anything is submitted. Waits for the jobs and returns
     {'done', 'skipped', 'failed'} like :func:`advkit.sweep.run_sweep`."""
-    from .slots import not_started, point_command, schedule
+    from .slots import check_devices, not_started, point_command, schedule, visible_devices
     from .sweep import load_sweep, report
 
     options = parse_slurm(slurm)
     points = load_sweep(path)
     check_points(points, options)
+    local = options["cluster"] == "local"
+    slots = local_slots(options) if local else None
+    if slots is not None:
+        check_devices(points, slots)
+    physical = visible_devices(slots) if slots is not None else {}
     folder = Path(options.get("folder") or points[0].config.run_dir.parent / ".submitit")
     executor = make_executor(options, folder)
     stop_timeout_s = max(options["signal_delay_s"] - 15, 5)
 
     def submit(batch: list) -> list:
         checks = {}
+        devices = {p.config.name: ",".join(physical[d] for d in slot) for p, slot in batch} if slots else {}
         for gpus in sorted({point.config.gpus for point, _ in batch}):
             group = [point for point, _ in batch if point.config.gpus == gpus]
             try:
                 executor.update_parameters(gpus_per_node=0 if options.get("gpus_per_node") == 0 else gpus)
                 with executor.batch():
-                    jobs = [executor.submit(PointJob(point_command(path, p.config.name, kernel), gpus,
-                                                     stop_timeout_s)) for p in group]
+                    jobs = [executor.submit(PointJob(point_command(path, p.config.name, kernel), gpus, stop_timeout_s,
+                                                     devices.get(p.config.name))) for p in group]
             except Exception as exc:  # this group's array only (sbatch refused it): the others' jobs stay tracked
                 for p in group:
                     checks[p.config.name] = lambda reason=not_started(exc): reason
@@ -223,8 +252,7 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
                 checks[point.config.name] = _job_check(job)
         return [checks[point.config.name] for point, _ in batch]
 
-    local = options["cluster"] == "local"
-    outcome = schedule(points, submit, None, poll_s or (1.0 if local else 15.0),
+    outcome = schedule(points, submit, slots, poll_s or (1.0 if local else 15.0),
                        most=options.get("array_parallelism") if local else None)
     report(outcome)
     return outcome

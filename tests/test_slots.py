@@ -227,6 +227,35 @@ def test_slot_processes_see_their_device_and_a_failing_one_does_not_stop_the_oth
     assert rundir.RunDir(tmp_path / "runs" / "b").finished()
 
 
+@pytest.mark.parametrize("option", ["", ",gpus=1/0"])
+def test_local_submitit_jobs_at_once_each_see_their_own_device(tmp_path, monkeypatch, option):
+    """cluster=local on a machine of 2 GPUs (torch's count faked here), 2 jobs at once: submitit alone gave every
+    job CUDA_VISIBLE_DEVICES=0; each job now takes a slot (one per GPU, or ``gpus=`` as --gpus gives them)."""
+    import nbformat
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell(STAND_IN)]
+    nbformat.write(notebook, tmp_path / "stand-in.ipynb")
+    f = _sweep_file(tmp_path, [{"name": "a"}, {"name": "b"}], base={"preset": "test"},
+                    notebook=str(tmp_path / "stand-in.ipynb"))
+    outcome = slurm.run_slurm(f, "cluster=local,timeout_min=20,array_parallelism=2" + option, poll_s=0.2)
+    assert sorted(outcome["done"]) == ["a", "b"], outcome
+    seen = {n: (tmp_path / "runs" / n / "slot.txt").read_text().split()[0] for n in ("a", "b")}
+    assert seen == ({"a": "0", "b": "1"} if not option else {"a": "1", "b": "0"})
+
+
+def test_local_slots_are_refused_on_slurm_and_checked_like_gpus():
+    with pytest.raises(ValueError, match=r"--slurm gpus=0/1 is not accepted with cluster=slurm"):
+        slurm.parse_slurm("timeout_min=10,gpus=0/1")
+    with pytest.raises(ValueError, match=r"'x' is no device index"):
+        slurm.parse_slurm("timeout_min=10,cluster=local,gpus=x")
+
+
 class _FakeProcess:
     """A started point's process that has already exited 0 (what ``subprocess.Popen`` returns), recording its env."""
     envs: list[dict] = []
