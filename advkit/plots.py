@@ -288,10 +288,18 @@ def table_by(frame: pd.DataFrame, index: str, columns: str) -> pd.DataFrame:
 def table1(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 1: clean accuracy of standard training and MBN_clean; strongest-PGD accuracy of 100% adv + 0% clean
     and MBN_adv, with and without ALP (no running statistics). Every PGD row is read at the one PGD-N its
-    ``metric`` names (NaN where a strategy was not evaluated there), so differences compare like with like."""
+    ``metric`` names (NaN where a strategy was not evaluated there), and every row at the recipe the adversarial
+    runs most share (standard training too: NaN where it has no run of that recipe), so differences compare like
+    with like."""
     rows = frame[~frame["running_stats"].astype(bool) & ~frame["finetune_bn"].astype(bool) & (frame["norm"] != "gn")]
-    rows = dominant(rows, ["recipe"])
-    rows = pd.concat([dominant(rows[rows["adv_ratio"] == 1], ["train_steps", "eps"], frame), rows[rows["adv_ratio"] == 0]])
+    adversarial = dominant(rows[rows["adv_ratio"] == 1], ["recipe", "train_steps", "eps"],
+                           frame[frame["adv_ratio"] == 1])
+    standard = rows[rows["adv_ratio"] == 0]
+    if "recipe" in rows and len(adversarial):  # the clean rows' differences compare runs of one recipe
+        standard = standard[standard["recipe"] == adversarial["recipe"].iloc[0]]
+    elif "recipe" in rows:
+        standard = dominant(standard, ["recipe"])
+    rows = pd.concat([adversarial, standard])
     strongest = int(frame.loc[frame["steps"] > 0, "steps"].max()) if (frame["steps"] > 0).any() else 0
     out = []
     for label, part, steps in [

@@ -24,22 +24,24 @@ from .rundir import RunDir, load_checkpoint
 from .train import TrainingInterrupted, build_model, check_loadable, train
 
 
-def _check_inputs(cfg: Config) -> tuple[distributed.Context, dict[str, Any] | None]:
+def _check_inputs(cfg: Config) -> tuple[distributed.Context, dict[str, Any] | None, str | None]:
     """Everything that can be checked before the run folder is touched: the parameters, the data set's files,
-    the starting checkpoint (it must fit the model), the number of processes. Returns the process context and
-    the starting checkpoint's weights (read once here: a checkpoint of a 638-layer ResNet is large)."""
+    the starting checkpoint (it must fit the model), the number of processes. Returns the process context, the
+    starting checkpoint's weights and their digest (read and hashed once here: a checkpoint of a 638-layer ResNet
+    is large)."""
     validate(cfg)
     data.check_available(cfg.dataset, cfg.data_root)
-    source = None
+    source, digest = None, None
     if cfg.init_checkpoint:
         check_source_finished(cfg.init_checkpoint)
         source = load_checkpoint(cfg.init_checkpoint)["model"]
         check_loadable(cfg, source)
+        digest = models.state_digest(source)
     ctx = distributed.init_from_env()
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not accepted with {ctx.world_size} processes: the global "
                          "batch must divide evenly between them")
-    return ctx, source
+    return ctx, source, digest
 
 
 def check_source_finished(init_checkpoint: str) -> None:
@@ -61,18 +63,19 @@ def check_source_finished(init_checkpoint: str) -> None:
 
 
 def source_changed(cfg: Config, run: RunDir, checkpoint: dict[str, Any] | None = None,
-                   source_weights: dict[str, Any] | None = None) -> str | None:
+                   source_digest: str | None = None) -> str | None:
     """Why the run in ``run`` (started from ``cfg.init_checkpoint``) no longer belongs to that source, or None: its
     checkpoint (``checkpoint``, else its newest) records the digest of the weights it started from, and the
-    source (a file, or a finished run folder) now holds other weights (``source_weights`` if the caller has read
-    them, else read here: extended, or trained again). A source not there or not finished yet is not compared."""
+    source (a file, or a finished run folder) now holds other weights (digest ``source_digest`` if the caller has
+    it, else read and hashed here: extended, or trained again). A source not there or not finished yet is not
+    compared."""
     source = cfg.init_checkpoint
     if not source or not (Path(source).is_file() or RunDir(source).finished()):
         return None
     started_from = (checkpoint if checkpoint is not None else run.load_resume_checkpoint()).get("init_weights")
     if started_from is None:  # written before the digest was recorded
         return None
-    now = models.state_digest(source_weights if source_weights is not None else load_checkpoint(source)["model"])
+    now = source_digest if source_digest is not None else models.state_digest(load_checkpoint(source)["model"])
     if now == started_from:
         return None
     return (f"init_checkpoint={source!r} now holds other weights (digest {now}) than the run started from "
@@ -99,7 +102,7 @@ def _refuse_early(cfg: Config, run: RunDir) -> None:
 
 
 def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context,
-                 source_weights: dict[str, Any] | None) -> tuple[Config, dict[str, Any] | None]:
+                 source_digest: str | None) -> tuple[Config, dict[str, Any] | None]:
     """Decide what happens to the run folder and prepare it (called under its lock). ``resume='auto'`` resumes a
     run with a checkpoint (a finished one is evaluated again: saved batches of the same weights are reused) and
     starts a folder without any (killed before its first checkpoint) again. Refused, with nothing changed: an
@@ -113,7 +116,7 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context,
     if cfg.resume:
         checkpoint = run.load_resume_checkpoint()
         conflicts = resume_conflicts(checkpoint.get("config", {}), cfg)
-        conflicts += [changed] if (changed := source_changed(cfg, run, checkpoint, source_weights)) else []
+        conflicts += [changed] if (changed := source_changed(cfg, run, checkpoint, source_digest)) else []
         if conflicts:
             raise ResumeConflict(f"resume of {run.path} is refused: these parameters differ from the ones it was "
                                  f"trained with ({'; '.join(conflicts)}); resume with the saved values, or start a "
@@ -130,11 +133,11 @@ def _take_folder(cfg: Config, run: RunDir, ctx: distributed.Context,
     return cfg, checkpoint
 
 
-def _unchanged_and_finished(cfg: Config, run: RunDir, source_weights: dict[str, Any] | None = None) -> bool:
+def _unchanged_and_finished(cfg: Config, run: RunDir, source_digest: str | None = None) -> bool:
     """Whether the folder holds a finished run of exactly this configuration (where things live aside), started
-    from the weights its init_checkpoint holds now (``source_weights``)."""
+    from the weights its init_checkpoint holds now (digest ``source_digest``)."""
     return (run.finished() and not outputs_differ(run.config(), cfg)
-            and source_changed(cfg, run, source_weights=source_weights) is None)
+            and source_changed(cfg, run, source_digest=source_digest) is None)
 
 
 @contextlib.contextmanager
@@ -154,13 +157,13 @@ def _recorded(run: RunDir, ctx: distributed.Context):
 
 def train_run(cfg: Config, show_progress: bool = True) -> nn.Module:
     """Check the inputs, take the run folder and train (no evaluation); return the trained model."""
-    ctx, source = _check_inputs(cfg)
+    ctx, source, digest = _check_inputs(cfg)
     run = RunDir(cfg.run_dir)
     _refuse_early(cfg, run)
     with run.lock() if ctx.main else contextlib.nullcontext():
-        cfg, checkpoint = _take_folder(cfg, run, ctx, source)
+        cfg, checkpoint = _take_folder(cfg, run, ctx, digest)
         with _recorded(run, ctx):
-            return train(cfg, show_progress, checkpoint, source)
+            return train(cfg, show_progress, checkpoint, source, digest)
 
 
 def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
@@ -169,15 +172,15 @@ def run(cfg: Config, show_progress: bool = True) -> pd.DataFrame:
     AutoAttack against PGD) and ``bnstats.csv`` (Figures 5-6), the last two on rank 0. All describe the model of the last checkpoint (under torchrun every rank evaluates that
     state, not its own per-replica BN statistics). ``results.csv`` is written last: with status 'done' it marks
     a finished run."""
-    ctx, source = _check_inputs(cfg)
+    ctx, source, digest = _check_inputs(cfg)
     run_dir = RunDir(cfg.run_dir)
     _refuse_early(cfg, run_dir)
     with run_dir.lock() if ctx.main else contextlib.nullcontext():
-        if cfg.resume == "auto" and not ctx.active and _unchanged_and_finished(cfg, run_dir, source):
+        if cfg.resume == "auto" and not ctx.active and _unchanged_and_finished(cfg, run_dir, digest):
             return run_dir.results()  # another process finished it meanwhile: nothing to do
-        cfg, checkpoint = _take_folder(cfg, run_dir, ctx, source)
+        cfg, checkpoint = _take_folder(cfg, run_dir, ctx, digest)
         with _recorded(run_dir, ctx):
-            model = train(cfg, show_progress, checkpoint, source)
+            model = train(cfg, show_progress, checkpoint, source, digest)
             results = evaluate_model(model, cfg, show_progress=show_progress and ctx.main)
             if ctx.main:
                 sanity = sanity_table(model, cfg)

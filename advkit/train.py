@@ -187,10 +187,11 @@ COUNTERS = ("loss", "batches", "n_adv", "correct_adv", "n_clean", "correct_clean
 
 
 def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | None = None,
-          init_model: dict[str, torch.Tensor] | None = None) -> nn.Module:
+          init_model: dict[str, torch.Tensor] | None = None, init_digest: str | None = None) -> nn.Module:
     """Train as ``cfg`` says in its run folder, which :func:`advkit.run.run` has prepared (``checkpoint``: the
-    state to resume from, which it loaded; ``init_model``: the weights of ``cfg.init_checkpoint``, if the caller
-    has read them, else read here); write metrics and checkpoints; return the model.
+    state to resume from, which it loaded; ``init_model``: the weights of ``cfg.init_checkpoint`` and
+    ``init_digest`` their digest, if the caller has them, else read and hashed here); write metrics and
+    checkpoints; return the model.
 
     Under torchrun every process calls it: the global batch is split across ranks, gradients are averaged by DDP,
     BN statistics stay per replica (as in the paper) unless ``sync_bn``, and only rank 0 writes. The model
@@ -201,13 +202,14 @@ def train(cfg: Config, show_progress: bool = True, checkpoint: dict[str, Any] | 
     ctx = distributed.context()
     device = resolve_rank_device(cfg, ctx)
     if init_model is None and cfg.init_checkpoint:
-        init_model = load_checkpoint(cfg.init_checkpoint)["model"]
+        init_model, init_digest = load_checkpoint(cfg.init_checkpoint)["model"], None
     resumed_step = checkpoint["step"] if checkpoint is not None else None
     with sigterm_flag() as sigterm, tblog.training_writer(RunDir(cfg.run_dir), cfg.tensorboard and ctx.main,
                                                           resumed_step) as writer:  # a SIGTERM stops at a step boundary
         loop = _set_up(cfg, RunDir(cfg.run_dir), device, ctx, init_model, sigterm, show_progress and ctx.main)
         loop.writer = writer
         loop.init_weights = (checkpoint.get("init_weights") if checkpoint is not None else
+                             init_digest if init_digest is not None else
                              models.state_digest(init_model) if init_model is not None else None)
         start_epoch, skip, resumed_totals = _restore(loop, checkpoint) if checkpoint is not None else (0, 0, None)
         for epoch in range(start_epoch, cfg.epochs):

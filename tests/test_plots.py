@@ -241,6 +241,22 @@ def test_panels_choose_their_setting_among_their_own_runs(tmp_path):
     assert table["100% adv + 0% clean"] == 60.0 and table["0% adv + 100% clean"] == 90.0
 
 
+def test_table1_chooses_its_recipe_among_the_adversarial_runs(tmp_path):
+    """Three standard-training runs of 16 epochs outnumber the two adversarial runs of 1 epoch (and make 16 epochs
+    the common recipe). Chosen over all rows, Table 1 read its adversarial row at the one 16-epoch adversarial run
+    (10.0) instead of the two of the adversarial recipe most runs share (mean 50.0)."""
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        _kit_run(runs, f"standard-seed{seed}", [(0, 0.9), (10, 0.0)], adv_ratio=0.0, clean_ratio=1.0, seed=seed,
+                 strategy="0% adv + 100% clean", epochs=16)
+    _kit_run(runs, "madry-seed0", [(0, 0.8), (10, 0.6)])
+    _kit_run(runs, "madry-seed1", [(0, 0.8), (10, 0.4)], seed=1)
+    _kit_run(runs, "madry-long", [(0, 0.85), (10, 0.1)], epochs=16)
+    table = plots.all_tables(results.analysis_frame(runs), tmp_path / "figures")["table1_kit"].set_index("strategy")
+    assert table.loc["100% adv + 0% clean", "accuracy"] == 50.0
+    assert np.isnan(table.loc["0% adv + 100% clean", "accuracy"])  # no standard run of that recipe: not a 16-epoch one
+
+
 def test_recipe_labels_name_what_differs_from_the_common_recipe():
     base = dict(KIT_CONFIG, lr=0.1, run_dir="/r/a")
     labels = results.recipe_labels([base, base | dict(seed=3, name="b", run_dir="/r/b", init_checkpoint="/r/x"),

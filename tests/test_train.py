@@ -183,6 +183,33 @@ def test_a_finetuning_run_reads_its_source_checkpoint_once(tmp_path, monkeypatch
     assert reads.count(source) == 2, reads
 
 
+def test_a_finetuning_run_hashes_its_source_weights_once(tmp_path, monkeypatch):
+    """A finished finetuning run asked again (resume='auto') after its source was trained again is refused. The code
+    before hashed the source's weights twice on the way (the finished-run check, then the resume check)."""
+    from advkit import models
+
+    base = make_config("test", name="base", runs_root=str(tmp_path), epochs=1, train_steps=1)
+    run.train_run(base, show_progress=False)
+    source = str(tmp_path / "base" / "checkpoints" / "last.pt")
+    digests, plain = [], models.state_digest
+
+    def counting(state):
+        digests.append(plain(state))
+        return digests[-1]
+
+    monkeypatch.setattr(models, "state_digest", counting)
+    ft = make_config("test", name="ft", runs_root=str(tmp_path), epochs=1, adv_ratio=0, clean_ratio=1,
+                     finetune_bn=True, init_checkpoint=source, train_steps=1)
+    run.run(ft, show_progress=False)
+    first = plain(rundir.load_checkpoint(source)["model"])
+    assert digests.count(first) == 1, digests
+    run.train_run(dataclasses.replace(base, overwrite=True, seed=1), show_progress=False)  # the source changes
+    now = plain(rundir.load_checkpoint(source)["model"])
+    with pytest.raises(config.ResumeConflict, match="now holds other weights"):
+        run.run(dataclasses.replace(ft, resume="auto"), show_progress=False)
+    assert digests.count(now) == 1, digests
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     cfg = make_config("test", name="res", runs_root=str(tmp_path), epochs=1)
     run.train_run(cfg, show_progress=False)
