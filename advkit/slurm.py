@@ -118,12 +118,15 @@ def check_points(points: list, options: dict[str, Any]) -> None:
                          "the sweep on the cluster's login node (cluster=local runs the jobs on this machine)")
 
 
-def local_slots(options: dict[str, Any]) -> list[str] | None:
+def local_slots(options: dict[str, Any], points: list) -> list[str] | None:
     """cluster=local: the device slots its jobs share (``gpus``, else one per GPU torch sees here; None without
-    GPUs). submitit's local executor alone gives every job ``CUDA_VISIBLE_DEVICES=0..gpus-1``: with several jobs
-    at once on a machine of several GPUs, all of them ran on the first."""
+    GPUs, or when every point runs on the CPU: then ``array_parallelism`` alone bounds the jobs at once).
+    submitit's local executor alone gives every job ``CUDA_VISIBLE_DEVICES=0..gpus-1``: with several jobs at once
+    on a machine of several GPUs, all of them ran on the first."""
     if options.get("gpus"):
         return options["gpus"]
+    if all(point.config.device == "cpu" for point in points):
+        return None
     import torch
 
     count = torch.cuda.device_count()
@@ -224,7 +227,7 @@ def run_slurm(path: str | Path, slurm: str, kernel: str | None = None, poll_s: f
     points = load_sweep(path)
     check_points(points, options)
     local = options["cluster"] == "local"
-    slots = local_slots(options) if local else None
+    slots = local_slots(options, points) if local else None
     if slots is not None:
         check_devices(points, slots)
     physical = visible_devices(slots) if slots is not None else {}

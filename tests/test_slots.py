@@ -249,6 +249,20 @@ def test_local_submitit_jobs_at_once_each_see_their_own_device(tmp_path, monkeyp
     assert seen == ({"a": "0", "b": "1"} if not option else {"a": "1", "b": "0"})
 
 
+def test_local_jobs_on_the_cpu_take_no_gpu_slots(tmp_path, monkeypatch):
+    """On a machine with 2 GPUs, a sweep whose points all run on the CPU was held to 2 jobs at once (one per GPU
+    slot) whatever array_parallelism said; points that may use a GPU still take one slot each."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    on_cpu = sweep.load_sweep(_sweep_file(tmp_path, [{"name": "a"}, {"name": "b"}],
+                                          base={"preset": "test", "device": "cpu"}))
+    auto = sweep.load_sweep(_sweep_file(tmp_path / "auto", [{"name": "a"}, {"name": "b", "device": "cpu"}],
+                                        base={"preset": "test"}))
+    options = slurm.parse_slurm("cluster=local,timeout_min=20,array_parallelism=4")
+    assert slurm.local_slots(options, on_cpu) is None
+    assert slurm.local_slots(options, auto) == ["0", "1"]
+    assert slurm.local_slots(slurm.parse_slurm("cluster=local,timeout_min=20,gpus=1/1"), on_cpu) == ["1", "1"]
+
+
 def test_local_slots_are_refused_on_slurm_and_checked_like_gpus():
     with pytest.raises(ValueError, match=r"--slurm gpus=0/1 is not accepted with cluster=slurm"):
         slurm.parse_slurm("timeout_min=10,gpus=0/1")

@@ -4,7 +4,7 @@
 #   bash notebooks/sweeps/decisive/cpu.sh DEADLINE_S [FILE ...]
 # builds ../study-code (a worktree at the study's frozen commit, with the sweep files written later and
 # run_direct.py beside it, and Fashion-MNIST), then runs every point of FILEs (default: ablations, gn-groups, depth,
-# more-seeds, in that order) that data/results/decisive/runs.csv does not hold, two at a time, one thread each,
+# more-seeds, in that order) that data/results/decisive/runs.csv does not hold, two at a time (JOBS=N: N), one thread each,
 # none started after DEADLINE_S seconds (choose it so that a run started then ends before the session does: an
 # unfinished run is lost with the machine). Before the session ends: .venv/bin/advkit study --runs
 # ../study-code/runs/decisive --readme README.md, then commit the tables.
@@ -25,5 +25,5 @@ $py -c "from advkit import device; print('code', device.code_version())"
 paths=(); for f in "${files[@]}"; do paths+=("$HERE/$f.yaml"); done
 # --stop inf: a run started before the deadline runs to its end (run_direct's --stop defaults to the deadline,
 # which would send SIGTERM to the runs still running at the deadline: their work stays only as a checkpoint)
-exec $py "$HERE/run_direct.py" "${paths[@]}" --jobs 2 --deadline "$deadline" --stop inf --logs runs/direct-logs \
+exec $py "$HERE/run_direct.py" "${paths[@]}" --jobs "${JOBS:-2}" --deadline "$deadline" --stop inf --logs runs/direct-logs \
   --recorded "$root/data/results/decisive/runs.csv"
