@@ -43,9 +43,25 @@ def measured_minutes(run: RunDir) -> float | None:
     return (training + evaluation) * threads * processes / 60
 
 
+def _beside(points: list[Point], keys: set[str]) -> dict[str, list[float]]:
+    """Core-minutes of the finished runs in the points' folders that are not among the points but share one of
+    ``keys``: another sweep's seeds of the same point in the same folder (more-seeds.yaml beside main.yaml)."""
+    own = {Path(point.config.run_dir).resolve() for point in points}
+    found: dict[str, list[float]] = {}
+    for parent in sorted({folder.parent for folder in own}):
+        for folder in sorted(parent.iterdir()) if parent.is_dir() else []:
+            key = point_key(folder.name)
+            if key in keys and folder not in own and folder.is_dir():
+                minutes = measured_minutes(RunDir(folder))
+                if minutes is not None:
+                    found.setdefault(key, []).append(minutes)
+    return found
+
+
 def plan(points: list[Point]) -> list[dict]:
     """One row per point: run, state, core-minutes and where they come from ('measured' for a finished run,
-    'median of k' finished runs of the same point for the others, None where no run of the point finished)."""
+    'median of k' finished runs of the same point for the others, else 'median of k beside it': finished runs
+    of that point in the same folder from another sweep; None where no run of the point finished)."""
     rows, measured = [], {}
     for point in points:
         run = RunDir(point.config.run_dir)
@@ -54,11 +70,14 @@ def plan(points: list[Point]) -> list[dict]:
                          minutes=minutes, source="measured" if minutes is not None else None))
         if minutes is not None:
             measured.setdefault(point_key(point.config.name), []).append(minutes)
+    unmeasured = {point_key(row["run"]) for row in rows if row["minutes"] is None} - set(measured)
+    beside = _beside(points, unmeasured) if unmeasured else {}
     for row in rows:
         if row["minutes"] is None:
-            known = measured.get(point_key(row["run"]), [])
+            key = point_key(row["run"])
+            known, where = (measured[key], "") if key in measured else (beside.get(key, []), " beside it")
             if known:
-                row["minutes"], row["source"] = statistics.median(known), f"median of {len(known)}"
+                row["minutes"], row["source"] = statistics.median(known), f"median of {len(known)}{where}"
     return rows
 
 

@@ -85,3 +85,20 @@ def test_plan_and_check_together_are_refused(sweep_file, capsys):
 def test_seeds_of_one_point_share_its_key_also_in_a_sweep_of_seeds_alone(run, key):
     assert plan.point_key(run) == key
 
+
+
+def test_a_sweep_of_more_seeds_takes_its_estimate_from_the_same_points_runs_beside_it(sweep_file, tmp_path):
+    """more-seeds.yaml adds seeds to main.yaml's points in main.yaml's folder: before any of its own runs finished,
+    the code before gave no estimate for any of them, though five seeds of each point had finished beside them."""
+    runs = tmp_path / "runs"
+    _finished_run(runs / "cheap-seed0", [60, 60, 60], 60)
+    _finished_run(runs / "cheap-seed2", [120, 120, 120], 120)
+    _finished_run(runs / "other-seed0", [6000], 6000)  # another point's run beside them counts for nothing
+    more = tmp_path / "more.yaml"
+    more.write_text(sweep_file.read_text().replace("seed: [0, 1, 2]", "seed: [3, 4]"))
+    rows = {r["run"]: r for r in plan.plan(sweep.load_sweep(more))}
+    assert rows["cheap-seed3"]["minutes"] == pytest.approx(6.0) and rows["cheap-seed3"]["source"] == "median of 2 beside it"
+    assert rows["dear-seed4"]["minutes"] is None and rows["dear-seed4"]["source"] is None
+    _finished_run(runs / "cheap-seed4", [30, 30, 30], 30)  # once a run of its own finished, its own runs decide
+    rows = {r["run"]: r for r in plan.plan(sweep.load_sweep(more))}
+    assert rows["cheap-seed3"]["minutes"] == pytest.approx(2.0) and rows["cheap-seed3"]["source"] == "median of 1"
