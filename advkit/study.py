@@ -373,7 +373,11 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
     strongest = (f"{'PGD' if attack == 'pgd' else threat_model}-{int(rows_of['steps'].max())}"
                  if not rows_of.empty else threat_model)
     deep = sorted(runs.loc[runs["sweep"] == "depth", "arch"].unique(), key=paper.depth_of) if not runs.empty else []
-    deepest = deep[-1] if deep else None
+    depth_gain = lambda arch: paired(
+        paired(acc("adv-clean0", arch=arch), acc("adv-clean0", arch=base_arch)),
+        paired(acc("standard", arch=arch, steps=0), acc("standard", arch=base_arch, steps=0)))
+    # the deepest network with a seed of both trainings (a depth whose other training has not finished yet waits)
+    deepest = ([arch for arch in deep if not depth_gain(arch).empty] or deep or [None])[-1]
     drop = lambda setting: paired(acc(setting, steps=10), acc(setting))
     fx = paper_effects()
     row = lambda *args, **kw: _row(*args, threat_model=threat_model, **kw)
@@ -411,9 +415,7 @@ def claims(runs: pd.DataFrame, bnstats: pd.DataFrame, threat_model: str = "targe
                    acc("standard-aa").combine_first(acc("standard"))), fx["C7c"], near=True),
         row("C8", f"gain from small_resnet8 to {deepest or 'a deeper ResNet'}: {strongest} of adversarial training minus clean "
                   "accuracy of standard training",
-            paired(paired(acc("adv-clean0", arch=deepest), acc("adv-clean0", arch="small_resnet8")),
-                   paired(acc("standard", arch=deepest, steps=0), acc("standard", arch="small_resnet8", steps=0)))
-            if deepest else pd.Series(dtype=float), fx["C8"]),
+            depth_gain(deepest) if deepest else pd.Series(dtype=float), fx["C8"]),
         *_scale_rows(acc, row, strongest),
     ]
     table = pd.DataFrame(rows)

@@ -50,6 +50,8 @@ def _parameters(words: list[str]) -> dict:
 
 def _check(command: str) -> None:
     words = shlex.split(command)
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # an environment variable set for the command
+        words = words[1:]
     program = words[0].removeprefix(".venv/bin/")
     if program == "make":
         targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE)

@@ -159,6 +159,12 @@ def test_claims_compare_the_base_network_unless_they_are_about_depth():
     assert table.loc["C1", "mean"] == pytest.approx(study.t_interval([5.0, 5.5, 5.0])[0])  # the base runs only
     assert table.loc["C8", "mean"] == pytest.approx(0.0)  # +8 robust and +8 clean from depth: no difference
     assert "small_resnet20" in table.loc["C8", "measured"]
+    # small_resnet20's standard training finished, its adversarial training not yet: C8 reads small_resnet14 meanwhile
+    # (the code before chose the deepest network with any run, and C8 read "not run yet")
+    r14 = _runs({k: [v + 4 for v in vs] for k, vs in values.items()}).assign(arch="small_resnet14", sweep="depth")
+    half = deeper[deeper["setting"] == "standard"]
+    table = study.claims(pd.concat([base, r14, half]), pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
+    assert table.loc["C8", "mean"] == pytest.approx(0.0) and "small_resnet14" in table.loc["C8", "measured"]
 
 
 def test_the_papers_effects_are_computed_from_its_tables(tmp_path):

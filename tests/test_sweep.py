@@ -435,14 +435,19 @@ def test_standard_trainings_autoattack_runs_repeat_main_yamls_standard_point():
             {k: v for k, v in standard[point.config.seed].items() if k not in ignored}, point.config.name
 
 
-def test_the_4_group_groupnorm_runs_repeat_main_yamls_groupnorm_point_apart_from_the_groups():
+@pytest.mark.parametrize("four_groups, groups_32, seeds", [("gn-groups", "main", range(5)),
+                                                            ("gn-groups-more", "more-seeds", range(5, 10))])
+def test_the_4_group_groupnorm_runs_repeat_main_yamls_groupnorm_point_apart_from_the_groups(four_groups, groups_32,
+                                                                                           seeds):
     """gn-groups.yaml (added after C3's seeds 0-4) trains main.yaml's GroupNorm point with gn_groups 4 on the same
-    seeds; anything else drifting would pair unlike runs."""
+    seeds, and gn-groups-more.yaml (C3-g4 undecided at 5 seeds) more-seeds.yaml's on seeds 5-9; anything else
+    drifting would pair unlike runs."""
     folder = paths.project_root() / "notebooks" / "sweeps" / "decisive"
-    gn = {p.config.seed: p.config.to_dict() for p in sweep.load_sweep(folder / "main.yaml")
-          if p.config.name.startswith("adv-clean100-gn-")}
-    four = sweep.load_sweep(folder / "gn-groups.yaml")
-    assert {p.config.seed for p in four} == set(gn) == set(range(5))
+    gn = {p.config.seed: p.config.to_dict() for p in sweep.load_sweep(folder / f"{groups_32}.yaml")
+          if p.config.name.startswith("adv-clean100-gn-") and p.config.seed in seeds}
+    four = sweep.load_sweep(folder / f"{four_groups}.yaml")
+    assert {p.config.seed for p in four} == set(gn) == set(seeds)
+    assert {p.config.runs_root for p in four} == {"runs/decisive/gn-groups"}  # beside seeds 0-4: one setting
     for point in four:
         values, reference = point.config.to_dict(), gn[point.config.seed]
         assert values["gn_groups"] == 4 and reference["gn_groups"] == 32

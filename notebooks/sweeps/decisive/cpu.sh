@@ -4,7 +4,7 @@
 #   bash notebooks/sweeps/decisive/cpu.sh DEADLINE_S [FILE ...]
 # builds ../study-code (a worktree at the study's frozen commit, with the sweep files written later and
 # run_direct.py beside it, and Fashion-MNIST), then runs every point of FILEs (default: ablations, gn-groups, depth,
-# more-seeds, in that order) that data/results/decisive/runs.csv does not hold, two at a time (JOBS=N: N), one thread each,
+# more-seeds, gn-groups-more, in that order) that data/results/decisive/runs.csv does not hold, two at a time (JOBS=N: N), one thread each,
 # none started after DEADLINE_S seconds (choose it so that a run started then ends before the session does: an
 # unfinished run is lost with the machine). Before the session ends: .venv/bin/advkit study --runs
 # ../study-code/runs/decisive --readme README.md, then commit the tables.
@@ -12,7 +12,7 @@ set -euo pipefail
 CODE=3527c8e7332af3c442d722076a516cefdca16ee0
 HERE=notebooks/sweeps/decisive
 deadline=${1:?give the seconds after which no run starts}; shift
-files=("$@"); [ ${#files[@]} -gt 0 ] || files=(ablations gn-groups depth more-seeds)
+files=("$@"); [ ${#files[@]} -gt 0 ] || files=(ablations gn-groups depth more-seeds gn-groups-more)
 root=$PWD; study=$(cd .. && pwd)/study-code
 [ -d "$study" ] || git worktree add -q --detach "$study" "$CODE"
 [ "$(git -C "$study" rev-parse HEAD)" = "$CODE" ] || { echo "$study is not at $CODE" >&2; exit 2; }
