@@ -670,23 +670,26 @@ DEPTH_CURVES = (("adv-clean0", None, "100% adv + 0% clean, strongest PGD"), ("st
 def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figure:
     """Depth (C8). Left: strongest-attack accuracy of adversarial training and clean accuracy of standard
     training per depth, mean and 95% interval over seeds. Right: each one's gain over small_resnet8, paired per
-    seed (the comparison C8 makes), with its 95% interval."""
+    seed (the comparison C8 makes), with its 95% interval. Every point is labelled with its number of seeds."""
     depth_of = paper.depth_of
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
     rows = runs[runs["sweep"].isin(["main", "depth"])] if not runs.empty else runs
-    for setting, steps, label in DEPTH_CURVES:
+    for curve, (setting, steps, label) in enumerate(DEPTH_CURVES):
         per_depth = {depth_of(arch): accuracy(rows, setting, steps=steps, arch=arch)
                      for arch in sorted(rows["arch"].unique(), key=depth_of)} if not rows.empty else {}
         per_depth = {d: v for d, v in per_depth.items() if not v.empty}
         base = per_depth.get(8, pd.Series(dtype=float))
         for ax, values in ((axes[0], per_depth),
                            (axes[1], {d: paired(v, base) for d, v in per_depth.items() if not base.empty})):
-            points = [(d, *t_interval(v)) for d, v in values.items() if not v.empty]
+            points = [(d, *t_interval(v), len(v)) for d, v in values.items() if not v.empty]
             if not points:
                 continue
-            depth, mean, low, high = (np.array(v) for v in zip(*points))
+            depth, mean, low, high, seeds = (np.array(v) for v in zip(*points))
             err = None if np.isnan(low).all() else np.nan_to_num([mean - low, high - mean])
-            ax.errorbar(depth, mean, yerr=err, fmt="o-", capsize=3, label=label)
+            line = ax.errorbar(depth, mean, yerr=err, fmt="o-", capsize=3, label=label)
+            for d, m, n in zip(depth, mean, seeds):  # a point of one seed has no bar: say how many seeds each has
+                ax.annotate(f"n={n}", (d, m), xytext=(4, 4 - 12 * curve), textcoords="offset points", fontsize=6,
+                            color=line.lines[0].get_color())
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_title("Depth: mean and 95% interval over seeds", fontsize=9)
     axes[1].axhline(0, color="black", linewidth=0.8)

@@ -449,6 +449,11 @@ def test_the_depth_figure_shows_gains_paired_per_seed():
     assert list(paired_adv.lines[0].get_ydata()) == pytest.approx([0.0, 2.0, 3.1])
     half_width = lambda container: max(abs(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments())
     assert half_width(paired_adv) < 0.5 < half_width(fig.axes[0].containers[0])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["n=3"] * 6  # 3 depths x 2 trainings
+
+    one_seed_deeper = pd.DataFrame(rows).query("not (arch == 'small_resnet20' and seed > 0)")
+    fig = study.plot_depth(one_seed_deeper)  # a point without a bar: its label says it rests on one seed
+    assert [t.get_text() for t in fig.axes[1].texts] == ["n=3", "n=3", "n=1"] * 2
 
 
 def test_the_validity_gate_is_the_runs_clean_accuracy_on_every_test_image(tmp_path, capsys):
