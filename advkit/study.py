@@ -697,9 +697,11 @@ def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
     axes[1].set_title("C8: gain over depth 8, paired per seed, 95% interval", fontsize=9)
     for ax in axes:
         ax.set_xlabel("depth (small ResNet, 6n+2)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    _save(fig, "study_depth", folder)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend under both panels, where it cannot cover an interval
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+    save(fig, "study_depth", folder)
     return fig
 
 

@@ -450,6 +450,11 @@ def test_the_depth_figure_shows_gains_paired_per_seed():
     half_width = lambda container: max(abs(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments())
     assert half_width(paired_adv) < 0.5 < half_width(fig.axes[0].containers[0])
     assert [t.get_text() for t in fig.axes[0].texts] == ["n=3"] * 6  # 3 depths x 2 trainings
+    fig.canvas.draw()  # the legend sits under the panels: it covers neither an interval nor an axis label
+    legend = fig.legends[0].get_window_extent()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [label for *_, label in study.DEPTH_CURVES]
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent()) and not legend.overlaps(ax.xaxis.label.get_window_extent())
 
     one_seed_deeper = pd.DataFrame(rows).query("not (arch == 'small_resnet20' and seed > 0)")
     fig = study.plot_depth(one_seed_deeper)  # a point without a bar: its label says it rests on one seed
