@@ -672,7 +672,7 @@ def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
     training per depth, mean and 95% interval over seeds. Right: each one's gain over small_resnet8, paired per
     seed (the comparison C8 makes), with its 95% interval. Every point is labelled with its number of seeds."""
     depth_of = paper.depth_of
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), layout="constrained")
     rows = runs[runs["sweep"].isin(["main", "depth"])] if not runs.empty else runs
     for curve, (setting, steps, label) in enumerate(DEPTH_CURVES):
         per_depth = {depth_of(arch): accuracy(rows, setting, steps=steps, arch=arch)
@@ -699,8 +699,7 @@ def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
         ax.set_xlabel("depth (small ResNet, 6n+2)")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:  # one legend under both panels, where it cannot cover an interval
-        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
     save(fig, "study_depth", folder)
     return fig
 
