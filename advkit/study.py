@@ -837,9 +837,14 @@ def _devices_text(runs: pd.DataFrame) -> str:
     if runs.empty or "device" not in runs:
         return ""
     kind = runs["device"].astype(str).str.split(":").str[0]
-    parts = [f"{g['run'].nunique()} runs of seeds {_seed_list(sorted(g['seed'].unique()))} on {name}"
-             + (f" ({', '.join(sorted(set(g['precision'].astype(str))))})" if "precision" in g else "")
-             for name, g in runs.groupby(kind)]
+    groups = list(runs.groupby(kind))
+    parts = []
+    for name, g in groups:
+        precision = f" ({', '.join(sorted(set(g['precision'].astype(str))))})" if "precision" in g else ""
+        seeds = sorted(g["seed"].unique())
+        n_runs = len(g[["sweep", "run"]].drop_duplicates()) if "sweep" in g else g["run"].nunique()
+        parts.append(f"{name}{precision} trained {'all ' if len(groups) == 1 else ''}{n_runs} runs "
+                     f"(seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)})")
     return "Devices: " + "; ".join(parts) + "."
 
 
@@ -925,4 +930,5 @@ def readme_section(tables_dir: str | Path = TABLES_DIR) -> str:
                f"[figures/study_claims.md](figures/study_claims.md). {_sequential_text(table)} "
                f"{_longer_text(check)} {_devices_text(runs)}")
     return "\n".join([" ".join(intro), "", *README_HEADER, *[r for r in rows if r], "", closing, "",
-                      "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png)"])
+                      "![claims](figures/study_claims.png) ![C1 against the data set's size](figures/study_scale.png) "
+                      "![C8: depth, gains paired per seed](figures/study_depth.png)"])

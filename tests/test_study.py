@@ -305,7 +305,10 @@ def test_a_gpus_seeds_pool_with_the_cpus_and_the_readme_says_which_device_ran_wh
     assert set(runs["sweep"]) == {"main"}
     table = study.claims(runs, pd.DataFrame(columns=study.BNSTATS_COLUMNS)).set_index("claim")
     assert table.loc["C1", "seeds"] == 3 and table.loc["C1", "mean"] == pytest.approx(5.0)
-    assert study._devices_text(runs) == "Devices: 4 runs of seeds 0-1 on cpu (fp32); 2 runs of seeds 16 on cuda (fp32)."
+    assert study._devices_text(runs) == ("Devices: cpu (fp32) trained 4 runs (seeds 0-1); "
+                                        "cuda (fp32) trained 2 runs (seed 16).")
+    assert study._devices_text(runs[runs["device"].str.startswith("cpu")]) == (
+        "Devices: cpu (fp32) trained all 4 runs (seeds 0-1).")
     clash = pd.DataFrame(rows + [dict(rows[0], sweep="gpu-main", device="cuda: H100")])
     clash.reindex(columns=study.RUN_COLUMNS).to_csv(tmp_path / "runs.csv", index=False)
     with pytest.raises(ValueError, match=r"\['adv-clean0-seed0'\] of sweep \['main'\] exist on both devices"):
