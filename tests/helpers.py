@@ -3,6 +3,12 @@ a training run crashed at a given step."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +45,19 @@ def train_until_crash(cfg, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         run.train_run(cfg, show_progress=False)
     monkeypatch.setattr(train, "training_loss", real)
+
+
+@contextlib.contextmanager
+def locked_by_another_process(run_dir: str | Path) -> Iterator[int]:
+    """Hold ``run_dir``'s lock from a child process (as a second driver or notebook would) and yield its pid;
+    the child is killed on exit, which releases the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from advkit.rundir import RunDir\n"
+        f"with RunDir({str(run_dir)!r}).lock():\n    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

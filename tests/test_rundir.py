@@ -14,6 +14,7 @@ import pytest
 from advkit import config, rundir, run
 from advkit.config import ResumeConflict, make_config
 from advkit.rundir import RunDir, RunLocked
+from helpers import locked_by_another_process
 
 TINY = dict(epochs=1, n_train=128, n_test=64, batch_size=32, eval_batch_size=32, eval_checkpoints=[1, 2],
             sanity_n=0, bnstats_channels=0)
@@ -132,18 +133,10 @@ def test_a_run_in_use_is_refused_before_anything_is_changed(tmp_path):
     cfg = make_config("test", **TINY | dict(runs_root=str(tmp_path)))
     run.run(cfg, show_progress=False)
     before = _snapshot(cfg.run_dir)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from advkit.rundir import RunDir\n"
-        f"with RunDir({str(cfg.run_dir)!r}).lock():\n    print('locked', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with locked_by_another_process(cfg.run_dir):
         with pytest.raises(RunLocked):
             run.run(make_config("test", **TINY | dict(runs_root=str(tmp_path), overwrite=True)), show_progress=False)
         assert _snapshot(cfg.run_dir) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_small_files_are_written_atomically(tmp_path, monkeypatch):

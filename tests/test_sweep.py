@@ -5,7 +5,7 @@ import papermill
 import pytest
 
 from advkit import config, paths, results, rundir, sweep, train
-from helpers import train_until_crash
+from helpers import locked_by_another_process, train_until_crash
 
 FAST = {"preset": "test", "epochs": 1, "n_train": 128, "n_test": 64, "train_steps": 1, "eval_checkpoints": [1], "sanity_n": 0, "bnstats_channels": 0}
 
@@ -479,6 +479,19 @@ def test_run_direct_runs_points_without_papermill_waits_for_starting_runs_and_sk
     assert not (runs / "a" / "experiment.ipynb").exists()  # no notebook: papermill never ran
     assert direct.main([str(f), "--logs", str(tmp_path / "logs")]) == 0
     assert "skipped: 2" in capsys.readouterr().out
+
+
+def test_run_direct_skips_a_point_another_process_runs_and_leaves_its_log_alone(tmp_path, capsys):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST, "points": [{"name": "a"}]}))
+    logs.mkdir()
+    (logs / "a.log").write_text("the other driver's log\n")
+    with locked_by_another_process(runs / "a") as pid:
+        assert _run_direct().main([str(f), "--logs", str(logs)]) == 0
+    out = capsys.readouterr().out
+    assert f"a: skipped, in use by pid {pid}" in out and "failed: 0" in out and "a: started" not in out
+    assert (logs / "a.log").read_text() == "the other driver's log\n"
+    assert not rundir.RunDir(runs / "a").has_checkpoint()
 
 
 def test_run_direct_starts_nothing_after_its_deadline_and_refuses_bad_input_before_running(tmp_path, capsys):

@@ -78,6 +78,11 @@ def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: 
             if source and str(source) in planned and (str(source) in busy or not RunDir(source).finished()):
                 continue  # its starting run has not finished yet
             waiting.remove(point)
+            holder = RunDir(point.config.run_dir).locked_by_other()
+            if holder:  # another driver runs it: leave its log and folder alone
+                outcome["skipped"].append(f"{point.config.name} (in use by {holder})")
+                print(f"[direct] {point.config.name}: skipped, in use by {holder}", flush=True)
+                continue
             config_file = logs / f"{point.config.name}.json"
             values = dataclasses.replace(point.config, resume="auto", overwrite=False).to_dict()
             config_file.write_text(json.dumps(values, default=str))
