@@ -42,8 +42,9 @@ def recorded_runs(table: Path) -> set[tuple[str, str]]:
 
 def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: Path,
                recorded: set[tuple[str, str]] = frozenset()) -> dict[str, list[str]]:
-    """Run the points of ``files`` that are neither finished nor ``recorded`` ((sweep folder, run) pairs),
-    ``jobs`` at a time, starting none after ``deadline`` seconds and stopping those still running at ``stop``."""
+    """Run the points of ``files`` that are neither finished nor ``recorded`` ((sweep folder, run) pairs) nor
+    held by another process (another driver's run: skipped, its log untouched), ``jobs`` at a time, starting
+    none after ``deadline`` seconds and stopping those still running at ``stop``."""
     points = [p for f in files for p in sweep.load_sweep(f)]
     logs.mkdir(parents=True, exist_ok=True)
     waiting = [p for p in points if not sweep.finished(p)
