@@ -842,7 +842,7 @@ def _devices_text(runs: pd.DataFrame) -> str:
     for name, g in groups:
         precision = f" ({', '.join(sorted(set(g['precision'].astype(str))))})" if "precision" in g else ""
         seeds = sorted(g["seed"].unique())
-        n_runs = len(g[["sweep", "run"]].drop_duplicates()) if "sweep" in g else g["run"].nunique()
+        n_runs = len(g[["sweep", "run"]].drop_duplicates())
         parts.append(f"{name}{precision} trained {'all ' if len(groups) == 1 else ''}{n_runs} runs "
                      f"(seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)})")
     return "Devices: " + "; ".join(parts) + "."

@@ -3,8 +3,6 @@
 import fcntl
 import json
 import os
-import subprocess
-import sys
 import threading
 import warnings
 
@@ -99,17 +97,11 @@ def test_a_damaged_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path):
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     """Item 3: a second process is refused with the holder named; a killed holder releases the lock."""
     folder = RunDir(tmp_path / "r")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from advkit.rundir import RunDir\n"
-        f"with RunDir({str(folder.path)!r}).lock():\n    print('locked', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    assert f"pid {holder.pid}" in folder.locked_by_other()
-    with pytest.raises(RunLocked, match=rf"is in use by pid {holder.pid} on .*nothing was changed"):
-        with folder.lock():
-            pass
-    holder.kill()
-    holder.wait()
+    with locked_by_another_process(folder.path) as pid:
+        assert f"pid {pid}" in folder.locked_by_other()
+        with pytest.raises(RunLocked, match=rf"is in use by pid {pid} on .*nothing was changed"):
+            with folder.lock():
+                pass
     assert folder.locked_by_other() is None
     with folder.lock():  # a crashed holder never locks anyone out
         with folder.lock():  # re-entrant in one process (run() holds it around train())
