@@ -697,6 +697,7 @@ def plot_depth(runs: pd.DataFrame, folder: str | Path | None = None) -> plt.Figu
     axes[1].set_title("C8: gain over depth 8, paired per seed, 95% interval", fontsize=9)
     for ax in axes:
         ax.set_xlabel("depth (small ResNet, 6n+2)")
+        ax.margins(x=0.1)  # room for the deepest point's seed label inside the frame
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:  # one legend under both panels, where it cannot cover an interval
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
