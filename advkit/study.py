@@ -810,6 +810,7 @@ def _verdict_cell(row: pd.Series, length_dependent: dict | None = None) -> str:
 def _longer_text(check: pd.DataFrame) -> str:
     if check.empty:
         return "Longer-training check (`longer.yaml`, pilot seed 101, 16 against 8 epochs): not run yet."
+
     def where(r) -> str:
         if r.within is None:
             return ""
@@ -817,7 +818,8 @@ def _longer_text(check: pd.DataFrame) -> str:
         return (f" (study [{r.study_low:+.1f}, {r.study_high:+.1f}]: "
                 + ("inside" if r.within else "outside") + f" at 16 epochs{at_8})")
 
-    parts = [f"{r.claim} {r.threat_model} {r.effect_8:+.1f} -> {r.effect_16:+.1f}{where(r)}" for r in check.itertuples()]
+    parts = [f"{r.claim} {r.threat_model} {r.effect_8:+.1f} -> {r.effect_16:+.1f}{where(r)}"
+             for r in check.itertuples()]
     both = check[(check["within"] == False) & (check["within_8"] == False)]  # noqa: E712 (None: no interval)
     caveat = "" if both.empty else (
         f" Where the pilot lies outside at 8 epochs as well ({', '.join(both['claim'] + ' ' + both['threat_model'])}),"
