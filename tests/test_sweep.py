@@ -1,5 +1,7 @@
 import json
 import re
+import time
+import types
 
 import papermill
 import pytest
@@ -551,10 +553,32 @@ def test_the_gpu_sweeps_train_the_cpu_sweeps_points_in_fp32_on_seeds_the_cpu_nev
 
 
 def test_run_direct_stops_the_runs_still_going_at_stop_and_never_counts_them_done(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST | {"epochs": 4},
+    runs = tmp_path / "runs"  # 400 epochs: far more than any machine trains in the 3 s before the stop
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST | {"epochs": 400},
                                                  "points": [{"name": "a"}, {"name": "b"}]}))
     assert _run_direct().main([str(f), "--deadline", "0.5", "--stop", "3", "--logs", str(tmp_path / "logs")]) == 0
     out = capsys.readouterr().out
     assert "stopped: 1 (a)" in out and "not started: 1 (b)" in out and "done: 0" in out
     assert not rundir.RunDir(runs / "a").finished()
+
+
+def test_run_direct_counts_a_run_that_finished_just_before_the_stop_signal_as_done(tmp_path, capsys):
+    """The race CI met: the child has written its finished folder but not yet exited when --stop comes. Here the
+    child sleeps after its work and the driver's one-second pause lasts until the folder is finished, so the
+    signal always finds a finished run that is still alive."""
+    runs = tmp_path / "runs"
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(runs), "base": FAST, "points": [{"name": "a"}]}))
+    direct = _run_direct()
+    direct.CHILD = direct.CHILD.replace("raise SystemExit(main(", "code = (main(") + "; import time; time.sleep(120)"
+
+    def pause_until_finished(seconds):
+        for _ in range(1200):
+            if rundir.RunDir(runs / "a").finished():
+                return
+            time.sleep(0.1)
+
+    direct.time = types.SimpleNamespace(monotonic=time.monotonic, sleep=pause_until_finished)
+    assert direct.main([str(f), "--deadline", "0.01", "--stop", "0.02", "--logs", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    assert "a: done at stop" in out and "done: 1 (a)" in out and "stopped: 0" in out, out
+    assert rundir.RunDir(runs / "a").finished()

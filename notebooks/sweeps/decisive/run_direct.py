@@ -8,7 +8,8 @@ Points run in the files' order. A finished point is skipped, and so is one that 
 committed runs.csv: its sweep and run columns) holds, whose run folder a new machine no longer has; a point that starts from another point's run
 (``init_checkpoint: run:NAME``) waits until that run has finished and is dropped if it fails. No point starts
 after ``--deadline`` seconds; the ones still running at ``--stop`` seconds get SIGTERM (the kit saves a checkpoint
-and exits 143) and are reported as stopped, never as done. TF32 is switched off in every run, so that a GPU's fp32
+and exits 143) and are reported as stopped, never as done, unless the run's folder says it finished (its work
+ended between the last look and the signal). TF32 is switched off in every run, so that a GPU's fp32
 training and evaluation are fp32 (the sweep files switch bf16 off). Exit status 1 if a point failed.
 """
 
@@ -94,9 +95,11 @@ def run_points(files: list[str], jobs: int, deadline: float, stop: float, logs: 
         time.sleep(1)
     for name, (process, _) in running.items():  # --stop: each saves its checkpoint and exits
         process.send_signal(signal.SIGTERM)
-    for name, (process, _) in running.items():
-        process.wait()
-        outcome["stopped"].append(name)
+    for name, (process, point) in running.items():
+        process.wait()  # a run that finished its work just before the signal (exiting) has a finished folder
+        state = "done" if RunDir(point.config.run_dir).finished() else "stopped"
+        outcome[state].append(name)
+        print(f"[direct] {name}: {state} at stop (exit {process.returncode})", flush=True)
     outcome["not started"] = [p.config.name for p in waiting]
     return outcome
 
