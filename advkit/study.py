@@ -815,17 +815,18 @@ def _longer_text(check: pd.DataFrame) -> str:
         if r.within is None:
             return ""
         at_8 = "" if r.within else ", and at 8 epochs already" if not r.within_8 else ", inside at 8 epochs"
-        return (f" (study [{r.study_low:+.1f}, {r.study_high:+.1f}]: "
+        return (f" (study [{r.study_low:+.2f}, {r.study_high:+.2f}]: "
                 + ("inside" if r.within else "outside") + f" at 16 epochs{at_8})")
 
-    parts = [f"{r.claim} {r.threat_model} {r.effect_8:+.1f} -> {r.effect_16:+.1f}{where(r)}"
+    parts = [f"{r.claim} {r.threat_model} {r.effect_8:+.2f} -> {r.effect_16:+.2f}{where(r)}"
              for r in check.itertuples()]
     both = check[(check["within"] == False) & (check["within_8"] == False)]  # noqa: E712 (None: no interval)
     caveat = "" if both.empty else (
         f" Where the pilot lies outside at 8 epochs as well ({', '.join(both['claim'] + ' ' + both['threat_model'])}),"
         " the pre-registered rule still says \"depends on training length\", but one seed's offset from the mean, not"
         " its training length, may put it there; as seeds narrow the intervals, such flags become likelier.")
-    return ("Longer-training check (`longer.yaml`, pilot seed 101, not in the verdicts), effect at 8 -> 16 epochs: "
+    return ("Longer-training check (`longer.yaml`, pilot seed 101, not in the verdicts), effect at 8 -> 16 epochs"
+            " (two decimals: the flags turn on the second): "
             + "; ".join(parts) + "." + caveat)
 
 

@@ -546,7 +546,7 @@ def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the
     pgd_verdict, aa_verdict = c1.split(" | ")[-1].split("; ")
     assert "depends on training length" in pgd_verdict and "depends" not in aa_verdict, c1
     assert "8 epochs too" not in pgd_verdict  # +2 at 8 epochs lay inside: the rule's reading stands unqualified
-    assert "C1 targeted PGD +2.0 -> +9.0 (study [-0.5, +4.5]: outside at 16 epochs, inside at 8 epochs)" \
+    assert "C1 targeted PGD +2.00 -> +9.00 (study [-0.48, +4.48]: outside at 16 epochs, inside at 8 epochs)" \
         in study.readme_section(tables)
 
     # the pilot seed already outside at 8 epochs (+8): the flag stays (pre-registered) and says so
@@ -559,5 +559,5 @@ def test_the_longer_training_check_flags_claims_whose_16_epoch_effect_leaves_the
     c1 = next(line for line in section.splitlines() if line.startswith("| C1 |"))
     assert c1.split(" | ")[-1].split("; ")[0].endswith(
         "depends on training length (the pilot seed lies outside at 8 epochs too)"), c1
-    assert "+8.0 -> +9.0 (study [-0.5, +4.5]: outside at 16 epochs, and at 8 epochs already)" in section
+    assert "+8.00 -> +9.00 (study [-0.48, +4.48]: outside at 16 epochs, and at 8 epochs already)" in section
     assert "Where the pilot lies outside at 8 epochs as well (C1 targeted PGD)" in section
