@@ -316,6 +316,7 @@ def test_ranks_and_loader_workers_draw_their_own_crops(monkeypatch, workers):
     assert all(torch.equal(a, b) for a, b in zip(rank0, batches(0)))  # and a rank's epoch is reproducible
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 on purpose, on 2 cores
 def test_an_epochs_crops_do_not_depend_on_the_number_of_loader_workers(monkeypatch, tmp_path):
     """num_workers may change on a resume (it is where-and-how, config.WHERE_AND_HOW): before, each worker drew
     from its own seeded generator (CIFAR-10) or global state (ImageNet), so 0, 1 or 3 workers gave other crops."""
