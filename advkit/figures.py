@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .paths import project_root, resolve_output
-from .sweep import QUIET_KERNEL
+from .sweep import execute_notebook
 
 ANALYSIS_DIR = project_root() / "notebooks" / "analysis"
 
@@ -30,9 +30,7 @@ def run_analysis_notebooks(runs_root: str = "runs", figures_dir: str = "figures"
         output = executed_dir / notebook.name
         declared = papermill.inspect_notebook(str(notebook))  # the study notebook reads committed tables instead
         try:
-            papermill.execute_notebook(str(notebook), str(output), parameters={k: v for k, v in offered.items()
-                                       if k in declared}, progress_bar=False, cwd=str(project_root()),
-                                       extra_arguments=QUIET_KERNEL)
+            execute_notebook(notebook, output, {k: v for k, v in offered.items() if k in declared})
             outcome["done"].append(notebook.name)
         except Exception as exc:  # report them all at the end
             outcome["failed"].append((notebook.name, str(output), f"{type(exc).__name__}: {str(exc)[-300:]}"))

@@ -278,6 +278,35 @@ def finished_differently(point: Point) -> list[str]:
 # the kernel's own log (e.g. "Kernel is running over TCP without encryption", about its loopback connection to
 # papermill) is noise to a user; errors still show
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
+# jupyter_client's words for a kernel that never came up (it picks free TCP ports, then the kernel binds them: two
+# kernels starting at once in two processes can pick the same port, and one dies with "Address already in use")
+KERNEL_NEVER_STARTED = ("Kernel didn't respond", "Kernel died before replying to kernel_info")
+KERNEL_START_TRIES = 3
+
+
+def kernel_never_started(exc: BaseException) -> bool:
+    """Whether papermill failed because the notebook's kernel never came up (no cell ran)."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith(KERNEL_NEVER_STARTED)
+
+
+def execute_notebook(notebook: Path, output: Path, parameters: dict, *, kernel: str | None = None,
+                     progress: bool = False, label: str = "") -> None:
+    """papermill from the project root, the kernel's log quiet; started again, up to KERNEL_START_TRIES times in
+    all, while the kernel never comes up (then no cell ran, so nothing of the notebook's work is repeated)."""
+    import papermill
+
+    for tries in range(1, KERNEL_START_TRIES + 1):
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
+                                       progress_bar=progress, cwd=str(project_root()), extra_arguments=QUIET_KERNEL)
+            return
+        except RuntimeError as exc:
+            if not kernel_never_started(exc) or tries == KERNEL_START_TRIES:
+                raise
+            print(f"[papermill] {label or notebook.name}: its notebook's kernel did not start ({exc}); starting it "
+                  f"again (try {tries + 1} of {KERNEL_START_TRIES})", flush=True)
+
+
 class RunRefused(Exception):
     """The kit refused the run before it took the folder (bad input, a finished run without resume, a run in use
     by another process, a resume that would change training): nothing of the run changed, its record neither."""
@@ -316,8 +345,7 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
     previous = os.environ.get(ATTEMPT_VARIABLE)
     os.environ[ATTEMPT_VARIABLE] = attempt.name  # the kernel inherits it; the run writes it into status.json
     try:
-        papermill.execute_notebook(str(notebook), str(attempt), parameters=cfg.to_dict(), kernel_name=kernel,
-                                   progress_bar=progress, cwd=str(project_root()), extra_arguments=QUIET_KERNEL)
+        execute_notebook(notebook, attempt, cfg.to_dict(), kernel=kernel, progress=progress, label=cfg.name)
     except papermill.PapermillExecutionError as exc:
         if not run.written_by(attempt.name):  # never accepted
             discard()

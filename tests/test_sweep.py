@@ -1,5 +1,6 @@
 import json
 import re
+import sys
 import time
 import types
 
@@ -86,6 +87,50 @@ def test_a_sweep_rerun_resumes_a_point_killed_before_its_results(tmp_path, monke
     assert 'resume = \\"auto\\"' in (runs / "cut" / "experiment.ipynb").read_text()  # the injected parameters (JSON-escaped)
     assert rundir.load_checkpoint(runs / "cut")["step"] == 2 and (runs / "cut" / "results.csv").exists()
     assert results.run_status(runs / "cut") == "done"
+
+
+def _kernel_dying_first(tmp_path, monkeypatch, deaths: int) -> str:
+    """A kernelspec whose process exits at once on its first ``deaths`` starts, as a kernel whose TCP port another
+    kernel took in the meantime ("Address already in use"), then runs ipykernel."""
+    folder = tmp_path / "jupyter" / "kernels" / "dying"
+    folder.mkdir(parents=True)
+    script = folder / "start.py"
+    script.write_text(f"""import pathlib, runpy, sys
+count = pathlib.Path({str(folder / "starts")!r})
+starts = int(count.read_text()) if count.exists() else 0
+count.write_text(str(starts + 1))
+if starts < {deaths}:
+    sys.exit("zmq.error.ZMQError: Address already in use")
+sys.argv = ["ipykernel_launcher", *sys.argv[1:]]
+runpy.run_module("ipykernel_launcher", run_name="__main__")
+""")
+    (folder / "kernel.json").write_text(json.dumps({"argv": [sys.executable, str(script), "-f", "{connection_file}"],
+                                                    "display_name": "dying", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "dying"
+
+
+def test_a_kernel_that_dies_as_it_starts_is_started_again_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    """Two notebooks starting at once (--jobs, device slots) can pick the same free port for their kernels; one
+    kernel died ('Address already in use') and its point failed before its run started, in a CI run."""
+    kernel = _kernel_dying_first(tmp_path, monkeypatch, deaths=1)
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(tmp_path / "runs"), "base": FAST,
+                                                "points": [{"name": "a"}]}))
+    assert sweep.run_sweep(f, kernel=kernel, progress=False)["done"] == ["a"]
+    assert "a: its notebook's kernel did not start (Kernel died before replying to kernel_info); starting it " \
+           "again (try 2 of 3)" in capsys.readouterr().out
+    assert (tmp_path / "jupyter" / "kernels" / "dying" / "starts").read_text() == "2"
+    assert results.run_status(tmp_path / "runs" / "a") == "done"
+
+
+def test_a_kernel_that_never_starts_fails_the_point_after_three_tries_and_leaves_no_run(tmp_path, monkeypatch):
+    kernel = _kernel_dying_first(tmp_path, monkeypatch, deaths=5)
+    f = _write(tmp_path / "s.yaml", json.dumps({"runs_root": str(tmp_path / "runs"), "base": FAST,
+                                                "points": [{"name": "a"}]}))
+    failed = sweep.run_sweep(f, kernel=kernel, progress=False)["failed"]
+    assert [name for name, *_ in failed] == ["a"] and "Kernel died before replying" in failed[0][2]
+    assert (tmp_path / "jupyter" / "kernels" / "dying" / "starts").read_text() == "3"
+    assert results.run_status(tmp_path / "runs" / "a") != "done"
 
 
 def test_experiment_notebook_rejects_unknown_parameters(tmp_path):
