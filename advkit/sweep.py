@@ -352,9 +352,11 @@ def execute(notebook: Path, cfg: Config, kernel: str | None = None, progress: bo
             raise RunRefused(exc.ename, exc.evalue) from None
         os.replace(attempt, run.notebook)  # the run was accepted and failed in it: its record shows how
         raise
-    except BaseException:  # a dead kernel (SIGKILL, out of memory), Ctrl-C: keep the record of a run that started
+    except BaseException as exc:  # a dead kernel (SIGKILL, out of memory), Ctrl-C: keep the record of a started run
         if run.written_by(attempt.name) and attempt.exists():
             os.replace(attempt, run.notebook)
+        elif kernel_never_started(exc):  # no cell ran: nothing to keep, as for a refused run
+            discard()
         raise
     finally:
         if previous is None:
